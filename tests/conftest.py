@@ -1,0 +1,115 @@
+"""Shared fixtures: tiny random-weight backbones of every registered family, and the method table."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU in tests
+
+import dataclasses
+
+import pytest
+import timm
+import torch
+
+import visionpeft as vp
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+IMG = 64
+
+
+def make_vit(**kw):
+    return timm.create_model("test_vit", num_classes=5, img_size=IMG, **kw)
+
+
+def make_samvit(**kw):
+    return timm.create_model(
+        "samvit_base_patch16", embed_dim=32, depth=2, num_heads=2, img_size=IMG, global_attn_indexes=(1,),
+        window_size=2, num_classes=5, neck_chans=16, **kw,
+    )
+
+
+def make_swin(**kw):
+    return timm.create_model(
+        "swin_tiny_patch4_window7_224", embed_dim=16, depths=(1, 1), num_heads=(2, 2), img_size=IMG,
+        window_size=4, num_classes=5, **kw,
+    )
+
+
+def make_convnext(**kw):
+    return timm.create_model("test_convnext", num_classes=5, ls_init_value=1.0, **kw)
+
+
+def make_resnet(**kw):
+    return timm.create_model("test_resnet", num_classes=5, zero_init_last=False, **kw)
+
+
+BACKBONES = {
+    "timm_vit": make_vit,
+    "timm_samvit": make_samvit,
+    "timm_swin": make_swin,
+    "timm_convnext": make_convnext,
+    "timm_resnet": make_resnet,
+}
+
+
+@dataclasses.dataclass
+class Row:
+    """One method setting of the test table; its traits come from the registered method class."""
+
+    id: str
+    method: str
+    options: dict
+
+    @property
+    def cls(self):
+        return vp.get_method(self.method)
+
+    def config(self, **extra):
+        opts = dict(self.options)
+        opts.update(extra)
+        return self.cls.config_cls.from_dict(opts)
+
+
+ROWS = [
+    Row("lora", "lora", {"rank": 4}),
+    Row("lora_qv", "lora", {"rank": 4, "qkv_slices": "qv", "alpha": 8}),
+    Row("dora", "dora", {"rank": 4}),
+    Row("adaptformer", "adaptformer", {"bottleneck": 8}),
+    Row("parallel_adapter", "parallel_adapter", {"bottleneck": 8, "scale": 2.0}),
+    Row("adapter_houlsby", "adapter", {"bottleneck": 8, "placement": "houlsby"}),
+    Row("adapter_pfeiffer", "adapter", {"bottleneck": 8, "placement": "pfeiffer"}),
+    Row("conv_adapter_block", "conv_adapter", {"level": "block", "mode": "parallel"}),
+    Row("conv_adapter_stage_seq", "conv_adapter", {"level": "stage", "mode": "sequential"}),
+    Row("conv_adapter_conv", "conv_adapter", {"level": "conv", "mode": "parallel", "bottleneck": 4}),
+    Row("vpt_shallow", "vpt", {"num_tokens": 3}),
+    Row("vpt_deep", "vpt", {"num_tokens": 3, "deep": True}),
+    Row("bitfit", "bitfit", {}),
+    Row("ssf", "ssf", {}),
+    Row("ln_tune", "ln_tune", {}),
+    Row("linear_probe", "linear_probe", {}),
+    Row("full", "full", {}),
+]
+
+
+def seeded(fn, seed=0, **kw):
+    torch.manual_seed(seed)
+    return fn(**kw).eval()
+
+
+def supported(row: Row, backbone: str, **extra):
+    """Build the base model and config, or skip from the method's declared capabilities."""
+    base = seeded(BACKBONES[backbone])
+    cfg = row.config(**extra)
+    spec = vp.detect_backbone(base)
+    assert spec.name == backbone
+    reason = row.cls.unsupported_reason(base, spec, cfg)
+    if reason:
+        pytest.skip(reason)
+    return base, cfg
+
+
+def image(batch=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, IMG, IMG, generator=g)

@@ -1,0 +1,57 @@
+"""visionpeft: vision-first parameter-efficient fine-tuning for timm backbones and SAM.
+
+Public API::
+
+    import visionpeft as vp
+    model = vp.get_peft_model(timm_model, vp.LoRAConfig(rank=8, qkv_slices="qv"))
+    model.save_adapter("out/run1")
+    model = vp.load_adapter(timm_model, "out/run1")
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from ._io import AdapterFileError
+from ._registry import get_backbone, get_method, list_backbones, list_methods
+from .backbones import BackboneSpec, detect_backbone
+from .config import MethodConfig
+from .methods.adapter import AdapterConfig
+from .methods.adaptformer import AdaptFormerConfig
+from .methods.baselines import FullFinetuneConfig, LinearProbeConfig
+from .methods.bitfit import BitFitConfig
+from .methods.conv_adapter import ConvAdapterConfig
+from .methods.dora import DoRAConfig
+from .methods.ln_tune import LNTuneConfig
+from .methods.lora import LoRAConfig
+from .methods.parallel_adapter import ParallelAdapterConfig
+from .methods.ssf import SSFConfig
+from .methods.vpt import VPTConfig
+from .model import PeftVisionModel, get_peft_model, load_adapter
+
+__all__ = [
+    "__version__",
+    "AdapterConfig",
+    "AdapterFileError",
+    "AdaptFormerConfig",
+    "BackboneSpec",
+    "BitFitConfig",
+    "ConvAdapterConfig",
+    "DoRAConfig",
+    "FullFinetuneConfig",
+    "LinearProbeConfig",
+    "LNTuneConfig",
+    "LoRAConfig",
+    "MethodConfig",
+    "ParallelAdapterConfig",
+    "PeftVisionModel",
+    "SSFConfig",
+    "VPTConfig",
+    "detect_backbone",
+    "get_backbone",
+    "get_method",
+    "get_peft_model",
+    "list_backbones",
+    "list_methods",
+    "load_adapter",
+]

@@ -1,0 +1,21 @@
+"""Backbone specs; importing this package registers them (``generic`` matches last)."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from . import timm_convnext, timm_resnet, timm_swin, timm_vit  # noqa: F401
+from . import generic  # noqa: F401  (registered last: it matches everything)
+from ._spec import BackboneSpec, block_index, infer_features, resolve_targets
+
+__all__ = ["BackboneSpec", "detect_backbone", "block_index", "infer_features", "resolve_targets"]
+
+
+def detect_backbone(model: nn.Module) -> BackboneSpec:
+    """The first registered spec whose ``match`` accepts ``model`` (``generic`` when none does)."""
+    from .._registry import _BACKBONES
+
+    for name, spec in _BACKBONES.items():
+        if name != "generic" and spec.match(model):
+            return spec
+    return _BACKBONES["generic"]

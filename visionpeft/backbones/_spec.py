@@ -1,0 +1,176 @@
+"""Backbone specs: where the roles (``qkv``, ``mlp``, ``block`` ...) of a model family live.
+
+A spec maps role names to regular expressions over module names (matched in full), records the
+token layout of each role's input and output (timm's ``NLC`` / ``NHWC`` / ``NCHW`` vocabulary) and
+how to find the classification head and the prefix tokens. Methods ask for roles; specs answer with
+module names. Any model without a spec still works with explicit module-name patterns.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+from typing import Callable
+
+import torch.nn as nn
+
+LAYOUTS = ("NLC", "NHWC", "NCHW")
+
+
+@dataclasses.dataclass
+class BackboneSpec:
+    """Description of one backbone family.
+
+    Args:
+        name: registry key (``timm_vit``, ``timm_swin`` ...).
+        match: predicate telling whether a model belongs to the family.
+        roles: role name -> regular expression over module names.
+        layouts: role name -> layout of the tensors entering and leaving modules of that role.
+        default_layout: layout assumed for modules matched by pattern rather than role.
+        head: function returning the module names of the classification head(s) of a model.
+        num_prefix_tokens: function returning the number of class / register tokens, or ``None``
+            when the blocks do not see a flat token sequence (VPT is then unsupported).
+        patch_size: function returning the patch size (VPT's prompt initialisation uses it).
+    """
+
+    name: str
+    match: Callable[[nn.Module], bool]
+    roles: dict[str, str]
+    layouts: dict[str, str]
+    default_layout: str
+    head: Callable[[nn.Module], list[str]]
+    num_prefix_tokens: Callable[[nn.Module], int] | None = None
+    patch_size: Callable[[nn.Module], int] | None = None
+
+    def has_role(self, role: str) -> bool:
+        return role in self.roles
+
+    def layout_of(self, role: str | None, module: nn.Module) -> str:
+        """Layout of a site's input/output: the role's, else guessed from the module type."""
+        if isinstance(module, (nn.Linear, nn.LayerNorm)) and not _is_channels_first_norm(module):
+            return "NLC" if self.default_layout == "NLC" else "NHWC"
+        if isinstance(module, (nn.Conv2d, nn.BatchNorm2d, nn.GroupNorm)) or _is_channels_first_norm(module):
+            return "NCHW"
+        if role is not None and role in self.layouts:
+            return self.layouts[role]
+        return self.default_layout
+
+    def blocks(self, model: nn.Module) -> list[str]:
+        """Module names of the blocks in forward order (empty when the spec has no ``block`` role)."""
+        if "block" not in self.roles:
+            return []
+        pattern = re.compile(self.roles["block"])
+        return [n for n, _ in model.named_modules() if n and pattern.fullmatch(n)]
+
+
+def _is_channels_first_norm(module: nn.Module) -> bool:
+    return type(module).__name__ in ("LayerNorm2d", "LayerNormNd", "GroupNorm1")
+
+
+def block_index(name: str, blocks: list[str]) -> int | None:
+    """Index of the block that contains module ``name`` (itself included), or ``None``."""
+    best = None
+    for i, b in enumerate(blocks):
+        if name == b or name.startswith(b + "."):
+            best = i
+    return best
+
+
+def _pattern_matches(pattern: str, name: str) -> bool:
+    if name == pattern or name.endswith("." + pattern):
+        return True
+    try:
+        return re.fullmatch(pattern, name) is not None
+    except re.error:
+        return False
+
+
+def resolve_targets(
+    model: nn.Module,
+    spec: BackboneSpec,
+    targets: list[str],
+    exclude: list[str] | None = None,
+    layers: list[int] | None = None,
+    accept: Callable[[str, nn.Module], bool] | None = None,
+    what: str = "targets",
+) -> list[tuple[str, str | None]]:
+    """Turn roles / patterns into module names.
+
+    Returns:
+        ``(module_name, role)`` pairs in model order; ``role`` is ``None`` for pattern matches.
+
+    Raises:
+        ValueError: when nothing matches; the message lists the spec's roles and close module names.
+    """
+    names = [n for n, _ in model.named_modules() if n]
+    modules = dict(model.named_modules())
+    blocks = spec.blocks(model)
+    found: dict[str, str | None] = {}
+    for target in targets:
+        if target in spec.roles:
+            pattern = re.compile(spec.roles[target])
+            hits = [n for n in names if pattern.fullmatch(n)]
+            role: str | None = target
+        else:
+            hits = [n for n in names if _pattern_matches(target, n)]
+            role = None
+        for n in hits:
+            found.setdefault(n, role)
+    selected = []
+    for n in names:  # model order
+        if n not in found:
+            continue
+        if exclude and any(_pattern_matches(e, n) for e in exclude):
+            continue
+        if layers is not None:
+            idx = block_index(n, blocks)
+            if idx is None or idx not in layers:
+                continue
+        if accept is not None and not accept(n, modules[n]):
+            continue
+        selected.append((n, found[n]))
+    if not selected:
+        raise ValueError(_no_match_message(spec, targets, names, layers, len(blocks), what))
+    return selected
+
+
+def _no_match_message(
+    spec: BackboneSpec, targets: list[str], names: list[str], layers: list[int] | None, n_blocks: int, what: str
+) -> str:
+    close: list[str] = []
+    for t in targets:
+        last = t.split(".")[-1]
+        leaves = sorted({n.split(".")[-1] for n in names})
+        close += difflib.get_close_matches(last, leaves, n=3, cutoff=0.5)
+        close += difflib.get_close_matches(t, names, n=3, cutoff=0.6)
+    close = list(dict.fromkeys(close))
+    msg = f"{what} {targets} match no suitable module of this {spec.name} backbone."
+    if spec.roles:
+        msg += f" Roles of {spec.name}: {', '.join(sorted(spec.roles))}."
+    if close:
+        msg += f" Close module names: {', '.join(close[:6])}."
+    if layers is not None:
+        msg += f" (layers={layers}; the backbone has {n_blocks} blocks.)"
+    return msg
+
+
+def infer_features(module: nn.Module) -> tuple[int, int]:
+    """(input channels, output channels) of a module, from its first and last Linear / Conv / norm."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels, module.out_channels
+    if isinstance(module, nn.LayerNorm):
+        return module.normalized_shape[-1], module.normalized_shape[-1]
+    if isinstance(module, (nn.BatchNorm2d, nn.GroupNorm)):
+        n = module.num_features if isinstance(module, nn.BatchNorm2d) else module.num_channels
+        return n, n
+    inner = [m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    if not inner:
+        raise ValueError(f"cannot infer the channels of {type(module).__name__}: it holds no Linear or Conv2d")
+    c_in = infer_features(inner[0])[0]
+    # output channels: the last Linear/Conv that is not part of a shortcut or downsample branch
+    main = [m for n, m in module.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and "downsample" not in n]
+    last = main[-1] if main else inner[-1]
+    return c_in, infer_features(last)[1]

@@ -1,0 +1,46 @@
+"""timm ConvNeXt: stages ``stages.i``, blocks ``stages.i.blocks.j`` (NCHW in and out).
+
+Inside a block the depthwise conv sees NCHW; the MLP sees NHWC (``conv_mlp=False``, timm's default)
+or NCHW (``conv_mlp=True``, 1x1 convs).
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .._registry import register_backbone
+from ._spec import BackboneSpec
+
+
+def _is_convnext(model: nn.Module) -> bool:
+    from timm.models.convnext import ConvNeXt
+
+    return isinstance(model, ConvNeXt)
+
+
+def _head(model: nn.Module) -> list[str]:
+    fc = getattr(getattr(model, "head", None), "fc", None)
+    return [] if fc is None or isinstance(fc, nn.Identity) else ["head.fc"]
+
+
+_B = r"stages\.\d+\.blocks\.\d+"
+
+TIMM_CONVNEXT = register_backbone(
+    BackboneSpec(
+        name="timm_convnext",
+        match=_is_convnext,
+        roles={
+            "stage": r"stages\.\d+",
+            "block": _B,
+            "conv_dw": _B + r"\.conv_dw",
+            "mlp": _B + r"\.mlp",
+            "mlp_in": _B + r"\.mlp\.fc1",
+            "mlp_out": _B + r"\.mlp\.fc2",
+            "norm": _B + r"\.norm",
+            "stem": r"stem\.0",
+        },
+        layouts={"stage": "NCHW", "block": "NCHW", "conv_dw": "NCHW", "mlp": "NHWC"},
+        default_layout="NCHW",
+        head=_head,
+    )
+)

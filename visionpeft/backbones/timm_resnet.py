@@ -1,0 +1,40 @@
+"""timm ResNet (BasicBlock / Bottleneck): stages ``layer1..4``, blocks ``layerI.J``, NCHW."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .._registry import register_backbone
+from ._spec import BackboneSpec
+
+
+def _is_resnet(model: nn.Module) -> bool:
+    from timm.models.resnet import ResNet
+
+    return isinstance(model, ResNet)
+
+
+def _head(model: nn.Module) -> list[str]:
+    fc = getattr(model, "fc", None)
+    return [] if fc is None or isinstance(fc, nn.Identity) else ["fc"]
+
+
+_B = r"layer\d\.\d+"
+
+TIMM_RESNET = register_backbone(
+    BackboneSpec(
+        name="timm_resnet",
+        match=_is_resnet,
+        roles={
+            "stage": r"layer\d",
+            "block": _B,
+            "conv": _B + r"\.conv\d",
+            "conv_mid": _B + r"\.conv2",  # the 3x3 conv of a Bottleneck / the second of a BasicBlock
+            "norm": _B + r"\.bn\d",
+            "stem": r"conv1",
+        },
+        layouts={"stage": "NCHW", "block": "NCHW", "conv": "NCHW", "conv_mid": "NCHW"},
+        default_layout="NCHW",
+        head=_head,
+    )
+)

@@ -1,0 +1,47 @@
+"""timm Swin Transformer (v1): stages ``layers.i``, blocks ``layers.i.blocks.j`` on (B, H, W, C) maps."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .._registry import register_backbone
+from ._spec import BackboneSpec
+
+
+def _is_swin(model: nn.Module) -> bool:
+    from timm.models.swin_transformer import SwinTransformer
+
+    return isinstance(model, SwinTransformer)
+
+
+def _head(model: nn.Module) -> list[str]:
+    fc = getattr(getattr(model, "head", None), "fc", None)
+    return [] if fc is None or isinstance(fc, nn.Identity) else ["head.fc"]
+
+
+_B = r"layers\.\d+\.blocks\.\d+"
+
+TIMM_SWIN = register_backbone(
+    BackboneSpec(
+        name="timm_swin",
+        match=_is_swin,
+        roles={
+            "stage": r"layers\.\d+",
+            "block": _B,
+            "attn": _B + r"\.attn",
+            "qkv": _B + r"\.attn\.qkv",
+            "attn_out": _B + r"\.attn\.proj",
+            "mlp": _B + r"\.mlp",
+            "mlp_in": _B + r"\.mlp\.fc1",
+            "mlp_out": _B + r"\.mlp\.fc2",
+            "norm": _B + r"\.norm[12]",
+            "patch_embed": r"patch_embed\.proj",
+        },
+        # WindowAttention sees (num_windows*B, window_area, C); blocks and MLPs (B, H, W, C)
+        layouts={"stage": "NHWC", "block": "NHWC", "attn": "NLC", "mlp": "NHWC"},
+        default_layout="NHWC",
+        head=_head,
+        num_prefix_tokens=None,
+        patch_size=lambda m: int(m.patch_embed.patch_size[0]),
+    )
+)

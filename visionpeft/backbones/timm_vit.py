@@ -1,0 +1,85 @@
+"""timm VisionTransformer family (ViT, DeiT, DeiT-distilled) and timm's SAM ViT (``samvit_*``)."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from .._registry import register_backbone
+from ._spec import BackboneSpec
+
+
+def _vit_like(prefix: str = r"blocks\.\d+") -> dict[str, str]:
+    return {
+        "block": prefix,
+        "attn": prefix + r"\.attn",
+        "qkv": prefix + r"\.attn\.qkv",
+        "attn_out": prefix + r"\.attn\.proj",
+        "mlp": prefix + r"\.mlp",
+        "mlp_in": prefix + r"\.mlp\.fc1",
+        "mlp_out": prefix + r"\.mlp\.fc2",
+        "norm": prefix + r"\.norm[12]",
+        "patch_embed": r"patch_embed\.proj",
+        "final_norm": r"norm|fc_norm",
+    }
+
+
+def _is_identity(m: nn.Module | None) -> bool:
+    return m is None or isinstance(m, nn.Identity)
+
+
+def _vit_heads(model: nn.Module) -> list[str]:
+    heads = []
+    for name in ("head", "head_dist"):
+        if not _is_identity(getattr(model, name, None)):
+            heads.append(name)
+    return heads
+
+
+def _patch(model: nn.Module) -> int:
+    p = model.patch_embed.patch_size
+    return int(p[0] if isinstance(p, (tuple, list)) else p)
+
+
+def _is_vit(model: nn.Module) -> bool:
+    from timm.models.vision_transformer import VisionTransformer
+
+    return isinstance(model, VisionTransformer)
+
+
+def _is_samvit(model: nn.Module) -> bool:
+    from timm.models.vision_transformer_sam import VisionTransformerSAM
+
+    return isinstance(model, VisionTransformerSAM)
+
+
+def _samvit_head(model: nn.Module) -> list[str]:
+    head = getattr(model, "head", None)
+    fc = getattr(head, "fc", None)
+    return ["head.fc"] if not _is_identity(fc) else []
+
+
+TIMM_VIT = register_backbone(
+    BackboneSpec(
+        name="timm_vit",
+        match=_is_vit,
+        roles=_vit_like(),
+        layouts={r: "NLC" for r in ("block", "attn", "mlp")},
+        default_layout="NLC",
+        head=_vit_heads,
+        num_prefix_tokens=lambda m: int(getattr(m, "num_prefix_tokens", 1)),
+        patch_size=_patch,
+    )
+)
+
+TIMM_SAMVIT = register_backbone(
+    BackboneSpec(
+        name="timm_samvit",
+        match=_is_samvit,
+        roles={k: v for k, v in _vit_like().items() if k != "final_norm"},
+        layouts={r: "NHWC" for r in ("block", "attn", "mlp")},
+        default_layout="NHWC",
+        head=_samvit_head,
+        num_prefix_tokens=None,  # blocks see (B, H, W, C) maps, windowed attention
+        patch_size=_patch,
+    )
+)

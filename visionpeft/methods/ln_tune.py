@@ -1,0 +1,88 @@
+"""LayerNorm tuning: train only the LayerNorm gains and biases.
+
+Paper: "Tuning LayerNorm in Attention: Towards Efficient Multi-Modal LLM Finetuning", Zhao et al.,
+2024, arXiv:2312.11420 (and the LN-tuning baseline of the vision PEFT literature).
+
+Where it attaches: a forward hook on every affine LayerNorm of the backbone (channels-last and timm's
+channels-first ``LayerNorm2d``) adds ``d_gamma * x_hat + d_beta``, where ``x_hat`` is the normalised
+input, which is exactly training gamma and beta while the base weights stay frozen; merging adds the
+deltas to them. Initialisation: zero (identity).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .._registry import register_method
+from ..config import MethodConfig
+from ._affine import channels_and_dim, non_head_sites, view_channels
+from ._base import AdapterLayer, Method, first_tensor, random_init_
+
+
+@dataclasses.dataclass
+class LNTuneConfig(MethodConfig):
+    """No hyper-parameters beyond the shared ones (``targets`` default: every LayerNorm)."""
+
+
+def _is_ln(m: nn.Module) -> bool:
+    return isinstance(m, nn.LayerNorm) and m.elementwise_affine and m.bias is not None
+
+
+class LNTuneLayer(AdapterLayer):
+    mergeable = True
+
+    def __init__(self, target: nn.LayerNorm, init_weights: bool):
+        super().__init__()
+        c, self.dim = channels_and_dim(target)
+        self.eps = target.eps
+        self.ln_weight = nn.Parameter(torch.zeros(c, dtype=target.weight.dtype))
+        self.ln_bias = nn.Parameter(torch.zeros(c, dtype=target.weight.dtype))
+        if not init_weights:
+            with torch.no_grad():
+                random_init_(self.ln_weight, 0.1)
+                random_init_(self.ln_bias, 0.1)
+
+    def after(self, module, args, kwargs, output):
+        x = first_tensor(args, kwargs)
+        if self.dim == 1:
+            x_hat = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), None, None, self.eps).permute(0, 3, 1, 2)
+        else:
+            x_hat = F.layer_norm(x, (x.shape[-1],), None, None, self.eps)
+        g = view_channels(self.ln_weight, self.dim, output.dim())
+        b = view_channels(self.ln_bias, self.dim, output.dim())
+        return output + (x_hat * g + b).to(output.dtype)
+
+    @torch.no_grad()
+    def merge(self, target):
+        target.weight.add_(self.ln_weight.to(target.weight.dtype))
+        target.bias.add_(self.ln_bias.to(target.bias.dtype))
+
+    @torch.no_grad()
+    def unmerge(self, target):
+        target.weight.sub_(self.ln_weight.to(target.weight.dtype))
+        target.bias.sub_(self.ln_bias.to(target.bias.dtype))
+
+
+@register_method("ln_tune")
+class LNTune(Method):
+    config_cls = LNTuneConfig
+    paper = "Tuning LayerNorm in Attention (arXiv:2312.11420)"
+    mergeable = True
+
+    @classmethod
+    def unsupported_reason(cls, model, spec, cfg):
+        if model is not None and cfg.targets is None and not any(_is_ln(m) for m in model.modules()):
+            return f"ln_tune needs affine LayerNorm modules; this {spec.name} model has none (BatchNorm nets: try bitfit or ssf)"
+        return None
+
+    @classmethod
+    def build(cls, model, spec, cfg):
+        reason = cls.unsupported_reason(model, spec, cfg)
+        if reason:
+            raise ValueError(reason)
+        modules = dict(model.named_modules())
+        return [(n, LNTuneLayer(modules[n], cfg.init_weights)) for n, _ in non_head_sites(model, spec, cfg, "ln_tune", accept=_is_ln)]

@@ -1,0 +1,67 @@
+"""SSF: scaling and shifting the deep features.
+
+Paper: "Scaling & Shifting Your Features: A New Baseline for Efficient Model Tuning", Lian et al.,
+2022, arXiv:2210.08823.
+
+Where it attaches: a forward hook after every operation with a channel-wise affine output (Linear
+projections qkv / proj / fc1 / fc2, convolutions, LayerNorm / BatchNorm; the head excluded) replaces
+the output ``y`` by ``gamma * y + beta`` (per channel). Because the preceding operation is linear in
+its weight and bias, it merges exactly: ``W' = gamma * W``, ``b' = gamma * b + beta``. Initialisation
+(paper's code): ``gamma ~ N(1, 0.02)``, ``beta ~ N(0, 0.02)``, so the output moves slightly at init.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn as nn
+
+from .._registry import register_method
+from ..config import MethodConfig
+from ._affine import channels_and_dim, non_head_sites, scale_rows_, view_channels
+from ._base import AdapterLayer, Method
+
+
+@dataclasses.dataclass
+class SSFConfig(MethodConfig):
+    """SSF has no hyper-parameters beyond the shared ones (``targets`` default: every affine op)."""
+
+
+class SSFLayer(AdapterLayer):
+    mergeable = True
+
+    def __init__(self, target: nn.Module, init_weights: bool):
+        super().__init__()
+        c, self.dim = channels_and_dim(target)
+        std = 0.02 if init_weights else 0.2
+        self.ssf_scale = nn.Parameter(torch.normal(1.0, std, (c,)).to(target.weight.dtype))
+        self.ssf_shift = nn.Parameter(torch.normal(0.0, std, (c,)).to(target.weight.dtype))
+
+    def after(self, module, args, kwargs, output):
+        g = view_channels(self.ssf_scale, self.dim, output.dim()).to(output.dtype)
+        b = view_channels(self.ssf_shift, self.dim, output.dim()).to(output.dtype)
+        return output * g + b
+
+    @torch.no_grad()
+    def merge(self, target):
+        scale_rows_(target.weight, self.ssf_scale)
+        target.bias.mul_(self.ssf_scale.to(target.bias.dtype)).add_(self.ssf_shift.to(target.bias.dtype))
+
+    @torch.no_grad()
+    def unmerge(self, target):
+        target.bias.sub_(self.ssf_shift.to(target.bias.dtype)).div_(self.ssf_scale.to(target.bias.dtype))
+        scale_rows_(target.weight, 1.0 / self.ssf_scale)
+
+
+@register_method("ssf")
+class SSF(Method):
+    config_cls = SSFConfig
+    paper = "Scaling & Shifting Your Features (arXiv:2210.08823)"
+    mergeable = True
+    identity_at_init = False
+
+    @classmethod
+    def build(cls, model, spec, cfg):
+        modules = dict(model.named_modules())
+        return [(n, SSFLayer(modules[n], cfg.init_weights)) for n, _ in non_head_sites(model, spec, cfg, "ssf")]
