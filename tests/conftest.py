@@ -20,20 +20,34 @@ IMG = 64
 
 
 def make_vit(**kw):
-    return timm.create_model("test_vit", num_classes=5, img_size=IMG, **kw)
+    return timm.create_model("test_vit", **{"num_classes": 5, "img_size": IMG, **kw})
 
 
 def make_samvit(**kw):
     return timm.create_model(
-        "samvit_base_patch16", embed_dim=32, depth=2, num_heads=2, img_size=IMG, global_attn_indexes=(1,),
-        window_size=2, num_classes=5, neck_chans=16, **kw,
+        "samvit_base_patch16",
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        img_size=IMG,
+        global_attn_indexes=(1,),
+        window_size=2,
+        num_classes=5,
+        neck_chans=16,
+        **kw,
     )
 
 
 def make_swin(**kw):
     return timm.create_model(
-        "swin_tiny_patch4_window7_224", embed_dim=16, depths=(1, 1), num_heads=(2, 2), img_size=IMG,
-        window_size=4, num_classes=5, **kw,
+        "swin_tiny_patch4_window7_224",
+        embed_dim=16,
+        depths=(1, 1),
+        num_heads=(2, 2),
+        img_size=IMG,
+        window_size=4,
+        num_classes=5,
+        **kw,
     )
 
 

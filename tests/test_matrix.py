@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
+from conftest import BACKBONES, ROWS, image, supported
 
 import visionpeft as vp
-from conftest import BACKBONES, ROWS, image, supported
 
 CASES = [pytest.param(r, b, id=f"{r.id}-{b}") for r in ROWS for b in BACKBONES]
 

@@ -7,7 +7,8 @@ A registry name appears only at the boundary of the library (``get_peft_model(mo
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 _METHODS: dict[str, Any] = {}
 _BACKBONES: dict[str, Any] = {}

@@ -75,7 +75,5 @@ class MethodConfig:
             if key not in names:
                 close = difflib.get_close_matches(key, names, n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
-                raise ValueError(
-                    f"unknown option {key!r} for {cls.__name__}{hint} Options: {', '.join(names)}"
-                )
+                raise ValueError(f"unknown option {key!r} for {cls.__name__}{hint} Options: {', '.join(names)}")
         return cls(**data)

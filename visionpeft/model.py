@@ -10,8 +10,9 @@ from __future__ import annotations
 import contextlib
 import difflib
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -80,7 +81,9 @@ class PeftVisionModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """Run the base model with the active adapter's hooks in effect."""
         if self._unloaded:
-            raise RuntimeError("this PeftVisionModel was unloaded; use the model that merge_and_unload()/unload() returned")
+            raise RuntimeError(
+                "this PeftVisionModel was unloaded; use the model that merge_and_unload()/unload() returned"
+            )
         return self.base_model(*args, **kwargs)
 
     # adapters ----------------------------------------------------------------------------------
@@ -95,10 +98,14 @@ class PeftVisionModel(nn.Module):
         if not name or "." in name or not isinstance(name, str):
             raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
         if name in self.peft_config:
-            raise ValueError(f"an adapter named {name!r} exists already; delete_adapter({name!r}) first or pick another name")
+            raise ValueError(
+                f"an adapter named {name!r} exists already; delete_adapter({name!r}) first or pick another name"
+            )
         method = get_method(config.method)
         if method.trains_base and any(get_method(c.method).trains_base for c in self.peft_config.values()):
-            raise ValueError("only one full fine-tuning adapter can live on a model (it trains the base weights in place)")
+            raise ValueError(
+                "only one full fine-tuning adapter can live on a model (it trains the base weights in place)"
+            )
         reason = method.unsupported_reason(self.base_model, self.spec, config)
         if reason:
             raise ValueError(reason)
@@ -201,7 +208,9 @@ class PeftVisionModel(nn.Module):
         if self._merged is not None:
             raise RuntimeError("cannot disable a merged adapter; unmerge() first")
         if self.active_adapter and get_method(self.peft_config[self.active_adapter].method).trains_base:
-            raise RuntimeError("full fine-tuning changes the base weights in place; there is no base output to fall back to")
+            raise RuntimeError(
+                "full fine-tuning changes the base weights in place; there is no base output to fall back to"
+            )
         states = {id(layer): layer.active for group in self.peft_modules.values() for layer in group.values()}
         try:
             for group in self.peft_modules.values():
@@ -315,7 +324,9 @@ class PeftVisionModel(nn.Module):
         save_json(directory / CONFIG_NAME, meta)
         return directory
 
-    def load_adapter(self, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False) -> None:
+    def load_adapter(
+        self, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+    ) -> None:
         """Attach the adapter saved in ``directory`` under ``adapter_name`` and make it active."""
         directory = Path(directory)
         meta, cfg = read_adapter_config(directory)
@@ -338,7 +349,9 @@ def read_adapter_config(directory: Path) -> tuple[dict, MethodConfig]:
         raise AdapterFileError(f"adapter directory not found: {directory}")
     meta = load_json(directory / CONFIG_NAME)
     if not isinstance(meta, dict) or "config" not in meta or "method" not in meta:
-        raise AdapterFileError(f"{directory / CONFIG_NAME} is not a visionpeft adapter config (no 'method' / 'config')")
+        raise AdapterFileError(
+            f"{directory / CONFIG_NAME} is not a visionpeft adapter config (no 'method' / 'config')"
+        )
     try:
         method = get_method(meta["method"])
     except KeyError as e:
@@ -379,7 +392,9 @@ def _load_checked(model: PeftVisionModel, name: str, tensors: dict[str, torch.Te
             v.copy_(tensors[k].to(dtype=v.dtype, device=v.device))
 
 
-def get_peft_model(model: nn.Module, config: MethodConfig | str, adapter_name: str = "default", **kwargs: Any) -> PeftVisionModel:
+def get_peft_model(
+    model: nn.Module, config: MethodConfig | str, adapter_name: str = "default", **kwargs: Any
+) -> PeftVisionModel:
     """Freeze ``model`` and attach an adapter.
 
     Args:
@@ -390,11 +405,15 @@ def get_peft_model(model: nn.Module, config: MethodConfig | str, adapter_name: s
     if isinstance(config, str):
         config = get_method(config).config_cls.from_dict(kwargs)
     elif kwargs:
-        raise TypeError(f"keyword options {sorted(kwargs)} are only accepted with a method name, not with a config object")
+        raise TypeError(
+            f"keyword options {sorted(kwargs)} are only accepted with a method name, not with a config object"
+        )
     return PeftVisionModel(model, config, adapter_name)
 
 
-def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False) -> PeftVisionModel:
+def load_adapter(
+    model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+) -> PeftVisionModel:
     """Attach a saved adapter to a base model (or to an existing :class:`PeftVisionModel`).
 
     Checks the backbone, the method and every tensor shape; on any mismatch it raises

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from . import timm_convnext, timm_resnet, timm_swin, timm_vit  # noqa: F401
-from . import generic  # noqa: F401  (registered last: it matches everything)
+from . import (  # noqa: F401
+    generic,  # noqa: F401  (registered last: it matches everything)
+    timm_convnext,
+    timm_resnet,
+    timm_swin,
+    timm_vit,
+)
 from ._spec import BackboneSpec, block_index, infer_features, resolve_targets
 
 __all__ = ["BackboneSpec", "detect_backbone", "block_index", "infer_features", "resolve_targets"]

@@ -72,10 +72,19 @@ class Adapter(Method):
     @classmethod
     def build(cls, model, spec, cfg):
         modules = dict(model.named_modules())
-        found = resolve_targets(model, spec, cls.targets_for(spec, cfg), cfg.exclude, cfg.layers, what="adapter targets")
+        found = resolve_targets(
+            model, spec, cls.targets_for(spec, cfg), cfg.exclude, cfg.layers, what="adapter targets"
+        )
         out = []
         for name, role in found:
             m = modules[name]
             c = infer_features(m)[1]
-            out.append((name, SerialAdapterLayer(c, cfg.bottleneck, spec.layout_of(role, m), cfg.scale, cfg.dropout, cfg.init_weights)))
+            out.append(
+                (
+                    name,
+                    SerialAdapterLayer(
+                        c, cfg.bottleneck, spec.layout_of(role, m), cfg.scale, cfg.dropout, cfg.init_weights
+                    ),
+                )
+            )
         return out

@@ -39,7 +39,9 @@ class AdaptFormerConfig(MethodConfig):
 class ParallelAdapterLayer(AdapterLayer):
     """``out = f(x) + scale * adapter(x)`` around one module (shape-preserving in the spatial axes)."""
 
-    def __init__(self, c_in: int, c_out: int, bottleneck: int, layout: str, scale: float, dropout: float, init_weights: bool):
+    def __init__(
+        self, c_in: int, c_out: int, bottleneck: int, layout: str, scale: float, dropout: float, init_weights: bool
+    ):
         super().__init__()
         self.scale = scale
         self.adapter = Bottleneck(c_in, c_out, bottleneck, layout, nn.ReLU(), dropout, init_weights)
@@ -57,12 +59,21 @@ class ParallelAdapterLayer(AdapterLayer):
 
 def build_parallel(method: type[Method], model, spec, cfg, bottleneck: int, scale: float, dropout: float):
     modules = dict(model.named_modules())
-    found = resolve_targets(model, spec, method.targets_for(spec, cfg), cfg.exclude, cfg.layers, what=f"{method.name} targets")
+    found = resolve_targets(
+        model, spec, method.targets_for(spec, cfg), cfg.exclude, cfg.layers, what=f"{method.name} targets"
+    )
     layers = []
     for name, role in found:
         m = modules[name]
         c_in, c_out = infer_features(m)
-        layers.append((name, ParallelAdapterLayer(c_in, c_out, bottleneck, spec.layout_of(role, m), scale, dropout, cfg.init_weights)))
+        layers.append(
+            (
+                name,
+                ParallelAdapterLayer(
+                    c_in, c_out, bottleneck, spec.layout_of(role, m), scale, dropout, cfg.init_weights
+                ),
+            )
+        )
     return layers
 
 

@@ -33,7 +33,9 @@ class LinearProbe(Method):
     @classmethod
     def unsupported_reason(cls, model, spec, cfg):
         if model is not None and cfg.modules_to_save is None and not spec.head(model):
-            return "linear_probe needs a classification head (create the model with num_classes > 0) or modules_to_save"
+            return (
+                "linear_probe needs a classification head (create the model with num_classes > 0) or modules_to_save"
+            )
         return None
 
     @classmethod

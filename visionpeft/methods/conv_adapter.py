@@ -82,7 +82,9 @@ class ConvAdapterLayer(AdapterLayer):
         stride = max(1, round(x.shape[-2] / output.shape[-2]))
         delta = self.adapter(x.to(self.conv_adapter_dw.dtype), stride)
         if delta.shape != output.shape:
-            raise RuntimeError(f"conv_adapter output {tuple(delta.shape)} does not match the site output {tuple(output.shape)}")
+            raise RuntimeError(
+                f"conv_adapter output {tuple(delta.shape)} does not match the site output {tuple(output.shape)}"
+            )
         return output + (self.scale * delta).to(output.dtype)
 
 
@@ -105,7 +107,8 @@ class ConvAdapter(Method):
             return None
         role = cls._role(spec, cfg)
         if role is None:
-            return f"conv_adapter level={cfg.level!r} needs a {'/'.join(_LEVEL_ROLES[cfg.level])} role, which {spec.name} lacks"
+            wanted = "/".join(_LEVEL_ROLES[cfg.level])
+            return f"conv_adapter level={cfg.level!r} needs a {wanted} role, which {spec.name} lacks"
         if spec.layouts.get(role) != "NCHW":
             return f"conv_adapter needs NCHW feature maps; {spec.name} {role}s use {spec.layouts.get(role)}"
         return None
@@ -122,7 +125,9 @@ class ConvAdapter(Method):
     @classmethod
     def build(cls, model, spec, cfg):
         modules = dict(model.named_modules())
-        found = resolve_targets(model, spec, cls.targets_for(spec, cfg), cfg.exclude, cfg.layers, what="conv_adapter targets")
+        found = resolve_targets(
+            model, spec, cls.targets_for(spec, cfg), cfg.exclude, cfg.layers, what="conv_adapter targets"
+        )
         out = []
         for name, role in found:
             m = modules[name]
@@ -132,5 +137,7 @@ class ConvAdapter(Method):
             if cfg.mode == "sequential":
                 c_in = c_out
             hidden = cfg.bottleneck or max(1, c_in // cfg.reduction)
-            out.append((name, ConvAdapterLayer(c_in, c_out, hidden, cfg.kernel_size, cfg.mode, cfg.scale, cfg.init_weights)))
+            out.append(
+                (name, ConvAdapterLayer(c_in, c_out, hidden, cfg.kernel_size, cfg.mode, cfg.scale, cfg.init_weights))
+            )
         return out

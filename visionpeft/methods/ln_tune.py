@@ -76,7 +76,10 @@ class LNTune(Method):
     @classmethod
     def unsupported_reason(cls, model, spec, cfg):
         if model is not None and cfg.targets is None and not any(_is_ln(m) for m in model.modules()):
-            return f"ln_tune needs affine LayerNorm modules; this {spec.name} model has none (BatchNorm nets: try bitfit or ssf)"
+            return (
+                f"ln_tune needs affine LayerNorm modules; this {spec.name} model has none "
+                f"(BatchNorm nets: try bitfit or ssf)"
+            )
         return None
 
     @classmethod
@@ -85,4 +88,7 @@ class LNTune(Method):
         if reason:
             raise ValueError(reason)
         modules = dict(model.named_modules())
-        return [(n, LNTuneLayer(modules[n], cfg.init_weights)) for n, _ in non_head_sites(model, spec, cfg, "ln_tune", accept=_is_ln)]
+        return [
+            (n, LNTuneLayer(modules[n], cfg.init_weights))
+            for n, _ in non_head_sites(model, spec, cfg, "ln_tune", accept=_is_ln)
+        ]

@@ -52,7 +52,9 @@ class LoRAConfig(MethodConfig):
         if self.qkv_slices is not None:
             s = self.qkv_slices.lower()
             if not s or any(c not in _QKV for c in s) or len(set(s)) != len(s):
-                raise ValueError(f"qkv_slices must be a non-empty subset of 'qkv' such as 'qv', got {self.qkv_slices!r}")
+                raise ValueError(
+                    f"qkv_slices must be a non-empty subset of 'qkv' such as 'qv', got {self.qkv_slices!r}"
+                )
             self.qkv_slices = "".join(sorted(set(s), key=_QKV.get))
 
     @property
@@ -94,7 +96,9 @@ class LoRALayer(AdapterLayer):
             self.lora_B = nn.Parameter(w.new_zeros(sum(e - s for s, e in self.slices), rank))
         elif isinstance(target, nn.Conv2d):
             if target.padding_mode != "zeros":
-                raise ValueError(f"LoRA supports zero-padded convolutions only, got padding_mode={target.padding_mode!r}")
+                raise ValueError(
+                    f"LoRA supports zero-padded convolutions only, got padding_mode={target.padding_mode!r}"
+                )
             self.kind = "conv"
             self.slices = [(0, target.out_channels)]
             self.full_out = True
@@ -166,12 +170,19 @@ def qkv_slices_of(target: nn.Linear, letters: str) -> list[tuple[int, int]]:
     return [(_QKV[c] * d, (_QKV[c] + 1) * d) for c in letters]
 
 
-def lora_sites(model: nn.Module, spec: BackboneSpec, cfg: LoRAConfig, method: type[Method]) -> list[tuple[str, nn.Module, list | None]]:
+def lora_sites(
+    model: nn.Module, spec: BackboneSpec, cfg: LoRAConfig, method: type[Method]
+) -> list[tuple[str, nn.Module, list | None]]:
     """Resolve LoRA / DoRA targets to ``(name, module, slices)``."""
     targets = method.targets_for(spec, cfg)
     found = resolve_targets(
-        model, spec, targets, cfg.exclude, cfg.layers,
-        accept=lambda n, m: isinstance(m, (nn.Linear, nn.Conv2d)), what=f"{method.name} targets",
+        model,
+        spec,
+        targets,
+        cfg.exclude,
+        cfg.layers,
+        accept=lambda n, m: isinstance(m, (nn.Linear, nn.Conv2d)),
+        what=f"{method.name} targets",
     )
     modules = dict(model.named_modules())
     sites = []
@@ -184,7 +195,9 @@ def lora_sites(model: nn.Module, spec: BackboneSpec, cfg: LoRAConfig, method: ty
             any_qkv = True
         sites.append((name, m, slices))
     if cfg.qkv_slices is not None and not any_qkv:
-        raise ValueError(f"qkv_slices={cfg.qkv_slices!r} given but no target is a fused qkv Linear (targets {targets})")
+        raise ValueError(
+            f"qkv_slices={cfg.qkv_slices!r} given but no target is a fused qkv Linear (targets {targets})"
+        )
     return sites
 
 

@@ -46,7 +46,9 @@ class VPTLayer(AdapterLayer):
 
     uses_before = True
 
-    def __init__(self, prefix: int, num_tokens: int, dim: int, mode: str | None, strip: bool, init_val: float, dropout: float):
+    def __init__(
+        self, prefix: int, num_tokens: int, dim: int, mode: str | None, strip: bool, init_val: float, dropout: float
+    ):
         super().__init__()
         self.prefix, self.num_tokens, self.mode, self.strip = prefix, num_tokens, mode, strip
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -102,7 +104,7 @@ class VPT(Method):
             raise ValueError(f"vpt layers {cfg.layers} out of range: the backbone has {len(blocks)} blocks")
         if not cfg.deep:
             chosen = chosen[:1]
-        dim = int(getattr(model, "embed_dim", 0) or getattr(model, "num_features"))
+        dim = int(getattr(model, "embed_dim", 0) or model.num_features)
         p = spec.patch_size(model) if spec.patch_size else 16
         init_val = math.sqrt(6.0 / float(3 * p * p + dim))
         prefix = spec.num_prefix_tokens(model)
