@@ -1,0 +1,269 @@
+"""Experiment configs: YAML files that map 1:1 onto dataclasses.
+
+A config file has the sections ``model``, ``method``, ``data``, ``optimizer``, ``schedule`` and
+``runtime``; each maps onto the dataclass of the same name below (``method`` onto the registered
+method's config, chosen by its ``name`` key). A file may name one ``_base_`` file (a path relative to
+itself) whose values it overrides; the base may not have a base of its own. Command-line overrides
+``key.sub=value`` are parsed as YAML scalars and type-checked against the dataclass field; a misspelt
+key fails and suggests the right one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .._registry import get_method
+from ..config import MethodConfig
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """Args: name: timm model name. pretrained: load timm's weights from the hub. pretrained_file: a
+    local checkpoint (.safetensors / .pth / .npz) read the way timm reads it. num_classes: classes of the
+    new head (``None``: the dataset's). img_size: input size passed to timm (ViT / Swin need it).
+    kwargs: extra keyword arguments for ``timm.create_model``."""
+
+    name: str = "vit_base_patch16_224"
+    pretrained: bool = False
+    pretrained_file: str | None = None
+    num_classes: int | None = None
+    img_size: int | None = None
+    kwargs: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """Args: dataset: ``vtab`` or ``digits`` (the embedded default). root: dataset root. task: VTAB
+    task (aliases accepted). mode: ``tune`` (train800 -> val200) or ``final`` (train800val200 -> test).
+    img_size: resize target. batch_size: global batch. num_workers: loader processes per rank."""
+
+    dataset: str = "vtab"
+    root: str | None = None
+    task: str = "cifar100"
+    mode: str = "final"
+    img_size: int = 224
+    batch_size: int = 64
+    num_workers: int = 4
+    mean: list[float] = dataclasses.field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = dataclasses.field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclasses.dataclass
+class OptimizerConfig:
+    """AdamW. Args: lr: base learning rate. head_lr: the head's (``None``: lr). weight_decay: not
+    applied to norms, biases and prompts."""
+
+    lr: float = 1e-3
+    head_lr: float | None = None
+    weight_decay: float = 1e-4
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.999])
+    grad_accum: int = 1
+    clip_grad: float | None = None
+
+
+@dataclasses.dataclass
+class ScheduleConfig:
+    """Cosine decay with linear warm-up, in epochs."""
+
+    epochs: int = 100
+    warmup_epochs: int = 10
+    min_lr: float = 1e-8
+
+
+@dataclasses.dataclass
+class RuntimeConfig:
+    """Args: out_dir: run folder. seed. device: ``auto``, ``cpu`` or ``cuda``. amp: ``none``, ``bf16``
+    or ``fp16`` (CUDA). ema: EMA decay (``None``: off). ckpt_every: epochs between checkpoints."""
+
+    out_dir: str = "out/run"
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "none"
+    ema: float | None = None
+    ckpt_every: int = 10
+    log_every: int = 10
+    eval_every: int = 10
+    threads: int | None = None
+
+
+SECTIONS = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "optimizer": OptimizerConfig,
+    "schedule": ScheduleConfig,
+    "runtime": RuntimeConfig,
+}
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    method: MethodConfig = dataclasses.field(default_factory=lambda: get_method("lora").config_cls())
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
+    runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        out["method"] = {"name": self.method.method, **dataclasses.asdict(self.method)}
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and suggests a fix."""
+
+
+def _suggest(key: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.5)
+    return f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(names)}"
+
+
+def _check_type(path: str, value: Any, tp: Any) -> Any:
+    """Return ``value`` converted to the field type ``tp`` or raise ConfigError."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _check_type(path, value, a)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{path}: bad value {value!r}")
+    if tp is Any:
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin is list or tp is list:
+        if isinstance(value, (list, tuple)):
+            (inner,) = typing.get_args(tp) or (Any,)
+            return [_check_type(f"{path}[{i}]", v, inner) for i, v in enumerate(value)]
+    elif origin is dict or tp is dict:
+        if isinstance(value, dict):
+            return dict(value)
+    else:
+        return value
+    expected = getattr(tp, "__name__", str(tp))
+    raise ConfigError(f"{path}: expected {expected}, got {value!r} ({type(value).__name__})")
+
+
+def _build(cls: type, data: dict[str, Any], section: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"section {section!r} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"unknown key '{section}.{key}'{_suggest(key, names)}")
+        kwargs[key] = _check_type(f"{section}.{key}", value, hints[key])
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"section {section!r}: {e}") from e
+
+
+def from_dict(data: dict[str, Any]) -> ExperimentConfig:
+    """Build an :class:`ExperimentConfig` from nested mappings (unknown keys fail with a suggestion)."""
+    names = ["model", "method", "data", "optimizer", "schedule", "runtime"]
+    for key in data:
+        if key not in names:
+            raise ConfigError(f"unknown section {key!r}{_suggest(key, names)}")
+    sections = {name: _build(cls, data.get(name) or {}, name) for name, cls in SECTIONS.items()}
+    method = dict(data.get("method") or {})
+    name = method.pop("name", "lora")
+    if not name or not isinstance(name, str):
+        raise ConfigError("method.name must name a registered method (see vp.list_methods())")
+    try:
+        method_cls = get_method(name).config_cls
+    except KeyError as e:
+        raise ConfigError(f"method.name: {e.args[0]}") from None
+    return ExperimentConfig(method=_build(method_cls, method, "method"), **sections)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a config file and its (single-level) ``_base_``; returns the merged mapping."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"cannot parse {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    base = data.pop("_base_", None)
+    if base is not None:
+        base_path = (path.parent / base).resolve()
+        if not base_path.is_file():
+            raise ConfigError(f"{path}: _base_ file not found: {base_path}")
+        base_data = yaml.safe_load(base_path.read_text(encoding="utf-8")) or {}
+        if "_base_" in base_data:
+            raise ConfigError(f"{base_path}: a _base_ file may not have a _base_ of its own (one level at most)")
+        data = _deep_merge(base_data, data)
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` strings (values parsed as YAML) to a config mapping."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2:
+            raise ConfigError(f"override key {key!r} must be section.key (e.g. optimizer.lr)")
+        section, name = parts
+        value = yaml.safe_load(raw) if raw.strip() else None
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise ConfigError(f"override {item!r}: {section!r} is not a section")
+        data[section][name] = value
+    return data
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> ExperimentConfig:
+    """Read ``path`` (with its ``_base_``), apply ``overrides``, validate, and return the config."""
+    data = read_yaml(path) if path is not None else {}
+    return from_dict(apply_overrides(data, overrides or []))
