@@ -14,7 +14,9 @@ def _write(path, data):
 
 
 def test_base_and_overrides(tmp_path):
-    _write(tmp_path / "base.yaml", {"model": {"name": "test_vit"}, "optimizer": {"lr": 0.01}, "method": {"name": "lora"}})
+    _write(
+        tmp_path / "base.yaml", {"model": {"name": "test_vit"}, "optimizer": {"lr": 0.01}, "method": {"name": "lora"}}
+    )
     cfg_file = _write(
         tmp_path / "run.yaml", {"_base_": "base.yaml", "method": {"name": "adaptformer", "bottleneck": 8}}
     )

@@ -33,28 +33,29 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+
+import peft
+import timm
+import torch
+import torch.nn.functional as F
+
+import visionpeft as vp
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # name -> (method, options); "peft_lora" is Hugging Face peft's LoRA on the same model
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "full": ("full", {}),
-    "peft_lora": ("peft_lora", {}),
-    "lora": ("lora", {"rank": 8}),
-    "lora_qv": ("lora", {"rank": 8, "qkv_slices": "qv"}),
-    "dora": ("dora", {"rank": 8}),
-    "adaptformer": ("adaptformer", {"bottleneck": 64, "scale": 0.1}),
+    "full": ("full", {}), "peft_lora": ("peft_lora", {}),
+    "lora": ("lora", {"rank": 8}), "lora_qv": ("lora", {"rank": 8, "qkv_slices": "qv"}),
+    "dora": ("dora", {"rank": 8}), "adaptformer": ("adaptformer", {"bottleneck": 64, "scale": 0.1}),
     "parallel_adapter": ("parallel_adapter", {"bottleneck": 64}),
     "adapter_houlsby": ("adapter", {"bottleneck": 64, "placement": "houlsby"}),
     "adapter_pfeiffer": ("adapter", {"bottleneck": 64, "placement": "pfeiffer"}),
-    "vpt": ("vpt", {"num_tokens": 10}),
-    "vpt_deep": ("vpt", {"num_tokens": 10, "deep": True}),
-    "bitfit": ("bitfit", {}),
-    "ssf": ("ssf", {}),
-    "ln_tune": ("ln_tune", {}),
-    "linear_probe": ("linear_probe", {}),
+    "vpt": ("vpt", {"num_tokens": 10}), "vpt_deep": ("vpt", {"num_tokens": 10, "deep": True}),
+    "bitfit": ("bitfit", {}), "ssf": ("ssf", {}), "ln_tune": ("ln_tune", {}), "linear_probe": ("linear_probe", {}),
 }
 
 
@@ -105,6 +106,12 @@ def timed_median(fn: Callable[[], None], warmup: int, steps: int) -> float:
     return statistics.median(times)
 
 
+def make_model(args: argparse.Namespace) -> torch.nn.Module:
+    """The random-weight timm model (seeded, so every process builds the same weights)."""
+    torch.manual_seed(0)
+    return timm.create_model(args.model, pretrained=False, num_classes=100, img_size=args.img_size)
+
+
 def build(name: str, args: argparse.Namespace) -> tuple[Any, Callable[[], Any] | None, tuple[int, int]]:
     """Build configuration ``name`` on a fresh model.
 
@@ -112,17 +119,9 @@ def build(name: str, args: argparse.Namespace) -> tuple[Any, Callable[[], Any] |
         ``(model, merge_and_unload or None, counts)``: the trainable model, a callable returning the
         merged plain model (``None`` when the method cannot merge), and (trainable, total) counts.
     """
-    import timm
-    import torch
-
-    import visionpeft as vp
-
-    torch.manual_seed(0)
-    model = timm.create_model(args.model, pretrained=False, num_classes=100, img_size=args.img_size)
+    model = make_model(args)
     method, options = CONFIGS[name]
     if method == "peft_lora":
-        import peft
-
         cfg = peft.LoraConfig(r=8, lora_alpha=8, target_modules=["qkv"], modules_to_save=["head"])
         pm = peft.get_peft_model(model, cfg)
         params = list(pm.parameters())
@@ -135,10 +134,6 @@ def build(name: str, args: argparse.Namespace) -> tuple[Any, Callable[[], Any] |
 
 def worker(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Measure one configuration in this process and return its results."""
-    import timm
-    import torch
-    import torch.nn.functional as F
-
     torch.set_num_threads(args.threads)
     model, merge, (trainable, total) = build(name, args)
     gen = torch.Generator().manual_seed(0)
@@ -152,15 +147,6 @@ def worker(name: str, args: argparse.Namespace) -> dict[str, Any]:
         F.cross_entropy(model(x), y).backward()
         opt.step()
 
-    def infer(m: Any) -> Callable[[], None]:
-        m.eval()
-
-        def run() -> None:
-            with torch.no_grad():
-                m(x)
-
-        return run
-
     sampler = RSSSampler()
     baseline = sampler.rss()
     with sampler:
@@ -172,28 +158,60 @@ def worker(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "peak_train_increase_mb": (sampler.peak - baseline) / 2**20,
     }
-    del opt
-    model.zero_grad(set_to_none=True)
-    out["infer_unmerged_ms"] = timed_median(infer(model), args.warmup, args.steps)
-    out["infer_merged_ms"] = timed_median(infer(merge()), args.warmup, args.steps) if merge else None
-    torch.manual_seed(0)
-    plain = timm.create_model(args.model, pretrained=False, num_classes=100, img_size=args.img_size)
-    out["infer_plain_ms"] = timed_median(infer(plain), args.warmup, args.steps)
+    opt.state.clear()
+    opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        infer = lambda m: timed_median(lambda: m.eval()(x), args.warmup, args.steps)  # noqa: E731
+        out["infer_unmerged_ms"] = infer(model)
+        out["infer_merged_ms"] = infer(merge()) if merge else None
+        out["infer_plain_ms"] = infer(make_model(args))
     return out
 
 
+def cpu_busy() -> float:
+    """Busy CPU seconds of the whole machine since boot, from ``/proc/stat``."""
+    with open("/proc/stat") as f:
+        v = [int(t) for t in f.readline().split()[1:9]]
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu() -> float:
+    """CPU seconds used by the finished child processes of this process."""
+    return sum(getattr(resource.getrusage(resource.RUSAGE_CHILDREN), k) for k in ("ru_utime", "ru_stime"))
+
+
+def wait_idle(max_wait: float, limit: float = 0.25) -> float:
+    """Wait until other processes use under ``limit`` cores (1 s samples); return that load."""
+    deadline = time.monotonic() + max_wait
+    while True:
+        b0 = cpu_busy()
+        time.sleep(1.0)
+        load = cpu_busy() - b0
+        if load < limit or time.monotonic() > deadline:
+            return load
+        print(f"  waiting: other processes use {load:.1f} cores", file=sys.stderr, flush=True)
+        time.sleep(4.0)
+
+
 def run_worker(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Run ``--worker name`` in a subprocess and parse the JSON line it prints."""
+    """Run ``--worker name`` in a subprocess and parse the JSON line it prints.
+
+    Also records ``other_cores``: the mean CPU load (in cores) of every other process on the
+    machine while the worker ran, so that a contended measurement is visible.
+    """
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--warmup", str(args.warmup),
            "--steps", str(args.steps), "--batch", str(args.batch), "--model", args.model,
            "--img-size", str(args.img_size), "--threads", str(args.threads)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    wait_idle(args.idle_wait)
+    b0, c0, t0 = cpu_busy(), children_cpu(), time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+    other = (cpu_busy() - b0 - (children_cpu() - c0)) / (time.perf_counter() - t0)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = proc.stderr.strip().splitlines()[-5:]
         return {"name": name, "error": f"worker exit {proc.returncode}: " + " | ".join(tail)}
-    return json.loads(lines[-1])
+    return dict(json.loads(lines[-1]), other_cores=max(other, 0.0))
 
 
 def ratio(a: float | None, b: float | None) -> float | None:
@@ -210,7 +228,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     """Render the results as a Markdown table with same-run ratios."""
     full, hf = results.get("full", {}), results.get("peft_lora", {})
     head = ["config", "trainable", "total", "step ms", "step/full", "step/peft", "peak RSS MB",
-            "train +MB", "mem/peft", "mem/full", "infer ms", "merged ms", "plain ms", "merged/plain"]
+            "train +MB", "mem/peft", "mem/full", "infer ms", "merged ms", "plain ms", "merged/plain", "other load"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
         if "error" in r:
@@ -225,7 +243,7 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             fmt(ratio(inc, hf.get("peak_train_increase_mb")), ".2f", "x"),
             fmt(ratio(inc, full.get("peak_train_increase_mb")), ".2f", "x"),
             fmt(r["infer_unmerged_ms"], ".0f"), fmt(r["infer_merged_ms"], ".0f"), fmt(r["infer_plain_ms"], ".0f"),
-            fmt(ratio(r["infer_merged_ms"], r["infer_plain_ms"]), ".3f", "x"),
+            fmt(ratio(r["infer_merged_ms"], r["infer_plain_ms"]), ".3f", "x"), fmt(r.get("other_cores"), ".2f"),
         ]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -256,15 +274,13 @@ def check_targets(results: dict[str, dict[str, Any]]) -> list[str]:
     for name, r in results.items():
         if "error" in r:
             lines.append(f"MISS  {name}: worker failed: {r['error']}")
+        elif r["other_cores"] > 0.25:
+            lines.append(f"NOTE  {name}: other processes used {r['other_cores']:.2f} cores meanwhile (unreliable)")
     return lines
 
 
 def machine_facts(args: argparse.Namespace) -> dict[str, Any]:
     """CPU, core count and library versions of this machine."""
-    import peft
-    import timm
-    import torch
-
     cpu = platform.processor() or ""
     try:
         with open("/proc/cpuinfo") as f:
@@ -297,7 +313,8 @@ Python {facts['python']}.
 Columns: *step* = forward + cross-entropy + backward + AdamW step; *peak RSS* = `ru_maxrss` after
 training; *train +MB* = peak RSS increase over the model-loaded baseline during the training steps
 (sampled every 5 ms); *mem/peft*, *mem/full* compare that increase; *infer* = unmerged inference,
-*merged* = after `merge_and_unload()`, *plain* = timm model without adapters, same process.
+*merged* = after `merge_and_unload()`, *plain* = timm model without adapters, same process;
+*other load* = mean CPU cores used by other processes while the worker ran (should be near 0).
 
 {tbl}
 
@@ -323,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="out/benchmark.json")
     p.add_argument("--docs", default="docs/benchmarks.md")
+    p.add_argument("--idle-wait", type=float, default=900.0,
+                   help="seconds to wait, before each worker, for other processes to leave the CPUs")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
