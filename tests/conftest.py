@@ -127,3 +127,11 @@ def supported(row: Row, backbone: str, **extra):
 def image(batch=2, seed=1):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, IMG, IMG, generator=g)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Embedded data written by tests goes to a per-session folder, not the user's cache."""
+    if "VISIONPEFT_CACHE" not in os.environ:
+        os.environ["VISIONPEFT_CACHE"] = str(tmp_path_factory.mktemp("vp-cache"))
+    yield

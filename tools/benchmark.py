@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="out/benchmark.json")
     p.add_argument("--docs", default="docs/benchmarks.md")
-    p.add_argument("--idle-wait", type=float, default=900.0,
+    p.add_argument("--idle-wait", type=float, default=3600.0,
                    help="seconds to wait, before each worker, for other processes to leave the CPUs")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

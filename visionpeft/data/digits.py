@@ -36,11 +36,14 @@ from ..model import get_peft_model
 
 MEAN = 0.1307  # MNIST pixel mean / std (of the [0, 1] intensities)
 STD = 0.3081
-IMAGE_SIZE = 32  # the digits are resized from 28 to 32 pixels (8 x 8 patches of 4 pixels for the ViT)
+IMAGE_SIZE = 32  # the digits are resized from 28 to 32 pixels (4 x 4 patches of 8 pixels for the ViT)
 PRETRAIN_DIGITS = (0, 1, 2, 3, 4)
 KINDS = ("vit", "resnet")
-DEFAULT_PRETRAIN_STEPS = {"vit": 400, "resnet": 300}
-_PRETRAIN_HPARAMS = {"vit": {"lr": 2e-3, "weight_decay": 0.05}, "resnet": {"lr": 3e-3, "weight_decay": 1e-4}}
+DEFAULT_PRETRAIN_STEPS = {"vit": 1000, "resnet": 400}
+_PRETRAIN_HPARAMS = {
+    "vit": {"lr": 2e-3, "weight_decay": 0.05, "shift": 2},
+    "resnet": {"lr": 3e-3, "weight_decay": 1e-4, "shift": 2},
+}
 _FORMAT = 1  # bump when the backbones or the pretraining recipe change: old cache files are then ignored
 
 
@@ -191,7 +194,7 @@ def make_backbone(kind: str = "vit", num_classes: int = len(PRETRAIN_DIGITS)) ->
     """A tiny randomly initialised timm backbone for 32 x 32 digits.
 
     Args:
-        kind: ``"vit"`` (4 blocks, width 64, 4 x 4 patches: ~140k parameters) or ``"resnet"`` (timm's
+        kind: ``"vit"`` (4 blocks, width 64, 8 x 8 patches, so 16 patch tokens and a class token: ~0.15M parameters) or ``"resnet"`` (timm's
             ``test_resnet``: ~0.37M parameters).
         num_classes: classes of the head.
     """
@@ -199,7 +202,7 @@ def make_backbone(kind: str = "vit", num_classes: int = len(PRETRAIN_DIGITS)) ->
 
     if kind == "vit":
         return timm.create_model(
-            "vit_tiny_patch16_224", pretrained=False, img_size=IMAGE_SIZE, patch_size=4, embed_dim=64, depth=4,
+            "vit_tiny_patch16_224", pretrained=False, img_size=IMAGE_SIZE, patch_size=8, embed_dim=64, depth=4,
             num_heads=4, mlp_ratio=2.0, num_classes=num_classes,
         )
     if kind == "resnet":
@@ -232,9 +235,19 @@ def _schedule(opt: torch.optim.Optimizer, steps: int, warmup: int) -> torch.opti
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def _random_shift(x: torch.Tensor, shift: int, g: torch.Generator) -> torch.Tensor:
+    """Translate each normalised image by up to ``shift`` pixels in x and y, filling with background."""
+    if shift <= 0:
+        return x
+    h, w = x.shape[-2:]
+    padded = F.pad(x, (shift, shift, shift, shift), value=(0.0 - MEAN) / STD)
+    offsets = torch.randint(0, 2 * shift + 1, (x.shape[0], 2), generator=g).tolist()
+    return torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offsets)])
+
+
 def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, batch: int,
-           weight_decay: float, seed: int, warmup: int) -> list[float]:
-    """AdamW on the parameters that require gradients; returns the loss of every step."""
+           weight_decay: float, seed: int, warmup: int, shift: int = 0) -> list[float]:
+    """AdamW on the parameters that require gradients (random shifts of ``shift`` pixels); the step losses."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
@@ -250,7 +263,7 @@ def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: f
             order, pos = torch.randperm(len(y), generator=g), 0
         idx = order[pos : pos + batch]
         pos += batch
-        loss = F.cross_entropy(model(x[idx]), y[idx])
+        loss = F.cross_entropy(model(_random_shift(x[idx], shift, g)), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -328,7 +341,7 @@ def pretrain_backbone(
 
     Args:
         kind: ``"vit"`` or ``"resnet"`` (see :func:`make_backbone`).
-        steps: AdamW steps (batch ``batch``); ``None`` = the kind's default (ViT 400, ResNet 300).
+        steps: AdamW steps (batch ``batch``); ``None`` = the kind's default (ViT 1000, ResNet 400).
         cache_dir: where to keep the weights; ``None`` = :func:`default_cache_dir`.
         seed: seed of the data split, the initialisation and the batch order.
         threads: ``torch.set_num_threads`` during training (restored afterwards); ``None`` leaves it.

@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""Evaluate a saved adapter on the evaluation split of a config's task.
+
+Example::
+
+    python tools/eval.py --config configs/vtab/lora-r8_vit-b16_linear_100ep_vtab-cifar100-224.yaml \\
+        --adapter out/run1/adapter --data-root /data/vtab-1k
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", required=True, help="the run's YAML config (or its resolved config.yaml)")
+    p.add_argument(
+        "--adapter",
+        required=True,
+        help="adapter folder (adapter.safetensors + adapter_config.json), or a run folder holding adapter/",
+    )
+    p.add_argument("--data-root", help="dataset root (sets data.root)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--out", help="write the metrics as JSON here")
+    args = p.parse_args(argv)
+
+    import torch
+
+    import visionpeft as vp
+    from visionpeft.data.build import build_datasets
+    from visionpeft.engine.build import build_backbone
+    from visionpeft.engine.experiment import ConfigError, load_config
+    from visionpeft.engine.trainer import seed_everything
+
+    overrides = list(args.overrides) + ([f"data.root={args.data_root}"] if args.data_root else [])
+    adapter = Path(args.adapter)
+    if (adapter / "adapter").is_dir() and not (adapter / "adapter_config.json").exists():
+        adapter = adapter / "adapter"
+    try:
+        cfg = load_config(args.config, overrides)
+        seed_everything(cfg.runtime.seed)  # the same base weights as training when they are random
+        _, eval_set, num_classes, task = build_datasets(cfg.data)
+        model = vp.load_adapter(build_backbone(cfg.model, num_classes), adapter)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    device = "cuda" if torch.cuda.is_available() and cfg.runtime.device != "cpu" else "cpu"
+    model.to(device).eval()
+    loader = torch.utils.data.DataLoader(eval_set, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers)
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in loader:
+            pred = model(x.to(device)).argmax(-1).cpu()
+            correct += int((pred == y).sum())
+            total += y.numel()
+    metrics = {
+        "task": task,
+        "method": cfg.method.method,
+        "adapter": str(adapter),
+        "top1": 100.0 * correct / max(total, 1),
+        "eval_samples": total,
+    }
+    print(f"{task}: top1 {metrics['top1']:.2f}% on {total} images ({cfg.method.method}, {adapter})")
+    if args.out:
+        Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

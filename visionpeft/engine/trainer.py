@@ -1,0 +1,344 @@
+"""The training engine: one code path for every method, one process or many (torchrun).
+
+Plain PyTorch with timm conventions: AdamW with parameter groups, cosine schedule with warm-up in
+optimizer steps, gradient accumulation and clipping, mixed precision, optional EMA, deterministic
+seeding, DDP with exactly-once sharded evaluation, atomic checkpoints with exact resume (at epoch
+boundaries), JSONL / TensorBoard logs and a ``results.json`` per run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .._io import save_json
+from .build import build_model
+from .checkpoint import config_differences, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .distributed import GlobalBatchSampler, ShardSampler, all_reduce_sum, barrier, init_distributed
+from .experiment import ExperimentConfig
+from .optim import EMA, cosine_factor, param_groups, set_lr
+
+CKPT_NAME = "last.ckpt"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the run stopped and the last good checkpoint was kept."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % 2**32)
+    except ImportError:  # pragma: no cover
+        pass
+
+
+class Trainer:
+    """Train and evaluate one adapted model as described by an :class:`ExperimentConfig`.
+
+    Args:
+        cfg: the resolved experiment config.
+        resume: a ``last.ckpt`` to continue from (its config must match, paths aside).
+        progress: show a progress bar on an interactive terminal (rank 0).
+    """
+
+    def __init__(self, cfg: ExperimentConfig, resume: str | Path | None = None, progress: bool = True) -> None:
+        from ..data.build import build_datasets
+
+        self.cfg = cfg
+        rt = cfg.runtime
+        if rt.threads:
+            torch.set_num_threads(rt.threads)
+        dev = rt.device if rt.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        if dev == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("runtime.device=cuda but CUDA is not available; use runtime.device=cpu or auto")
+        self.rank, self.world, local = init_distributed(dev)
+        self.device = torch.device(f"cuda:{local}" if dev == "cuda" else "cpu")
+        self.main = self.rank == 0
+        self.out = Path(rt.out_dir)
+        self.progress = progress and self.main and sys.stderr.isatty()
+        seed_everything(rt.seed)
+
+        self.train_set, self.eval_set, self.num_classes, self.task = build_datasets(cfg.data)
+        self.peft = build_model(cfg, self.num_classes).to(self.device)
+        self.model: nn.Module = self.peft
+        if self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.peft, device_ids=ids)
+
+        d, o = cfg.data, cfg.optimizer
+        self.sampler = GlobalBatchSampler(len(self.train_set), d.batch_size, self.rank, self.world, rt.seed)
+        pin = self.device.type == "cuda"
+        workers = dict(num_workers=d.num_workers, pin_memory=pin, persistent_workers=d.num_workers > 0)
+        self.train_loader = torch.utils.data.DataLoader(
+            self.train_set,
+            batch_sampler=self.sampler,
+            generator=torch.Generator().manual_seed(rt.seed + self.rank),
+            **workers,
+        )
+        self.eval_loader = torch.utils.data.DataLoader(
+            self.eval_set,
+            batch_size=max(1, d.batch_size // self.world),
+            sampler=ShardSampler(len(self.eval_set), self.rank, self.world),
+            generator=torch.Generator().manual_seed(rt.seed),
+            **workers,
+        )
+        self.optimizer = torch.optim.AdamW(
+            param_groups(self.peft, o.lr, o.weight_decay, o.head_lr), betas=tuple(o.betas)
+        )
+        self.steps_per_epoch = max(1, len(self.sampler) // o.grad_accum)
+        self.total_steps = cfg.schedule.epochs * self.steps_per_epoch
+        self.warmup_steps = cfg.schedule.warmup_epochs * self.steps_per_epoch
+        self.min_ratio = cfg.schedule.min_lr / o.lr if o.lr > 0 else 0.0
+        self.amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[rt.amp]
+        self.scaler = torch.amp.GradScaler("cuda") if rt.amp == "fp16" and self.device.type == "cuda" else None
+        self.ema = EMA(self.peft, rt.ema) if rt.ema else None
+        self.epoch, self.step, self.history = 0, 0, []
+        self._tb = None
+        if resume is not None:
+            self._resume(Path(resume))
+
+    # checkpoints ---------------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "epoch": self.epoch,
+            "step": self.step,
+            "trainable": {k: v.detach().cpu() for k, v in self.peft.adapter_state_dict().items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None,
+            "ema": self.ema.state_dict() if self.ema else None,
+            "rng": rng_state(),
+            "history": json.dumps(self.history),
+            "config": self.cfg.to_dict(),
+        }
+
+    def _resume(self, path: Path) -> None:
+        state = load_checkpoint(path)
+        diffs = config_differences(state.get("config", {}), self.cfg.to_dict())
+        if diffs:
+            raise ValueError(f"resume checkpoint {path} was written by another config: " + "; ".join(diffs))
+        with torch.no_grad():
+            target = self.peft.adapter_state_dict()
+            missing = sorted(set(target) - set(state["trainable"]))
+            if missing:
+                raise ValueError(f"resume checkpoint {path} lacks tensors {missing[:3]}")
+            for k, v in target.items():
+                v.copy_(state["trainable"][k])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        if self.ema and state.get("ema"):
+            self.ema.load_state_dict(state["ema"])
+        set_rng_state(state["rng"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.history = json.loads(state.get("history", "[]"))
+        self._log({"event": "resume", "from": str(path), "epoch": self.epoch, "step": self.step})
+
+    def save_checkpoint(self) -> None:
+        if self.main:
+            save_checkpoint(self.out / CKPT_NAME, self._state())
+        barrier()
+
+    # logging -------------------------------------------------------------------------------------
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.main:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "log.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self._tb is None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.out / "tb"))
+            except Exception:  # noqa: BLE001 - tensorboard is optional
+                self._tb = False
+        if self._tb:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ("epoch", "step"):
+                    self._tb.add_scalar(k, v, record.get("step", self.step))
+
+    # training ------------------------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def train_epoch(self) -> float:
+        cfg = self.cfg
+        self.model.train()
+        self.sampler.set_epoch(self.epoch)
+        accum = cfg.optimizer.grad_accum
+        n_batches = len(self.sampler)
+        seen, loss_sum, t0 = 0, 0.0, time.perf_counter()
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=n_batches, desc=f"epoch {self.epoch + 1}/{cfg.schedule.epochs}", leave=False)
+        for i, (x, y) in enumerate(self.train_loader):
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            sync = (i + 1) % accum == 0 or i + 1 == n_batches
+            ctx = self.model.no_sync() if (self.world > 1 and not sync) else contextlib.nullcontext()
+            with ctx:
+                with self._autocast():
+                    logits = self.model(x)
+                loss = F.cross_entropy(logits.float(), y)
+                global_loss = all_reduce_sum(loss.detach().clone()) / self.world
+                if not torch.isfinite(global_loss):
+                    ck = self.out / CKPT_NAME
+                    where = f"{ck} (epoch {self.epoch_of_checkpoint(ck)})" if ck.exists() else "none written yet"
+                    raise NonFiniteLossError(
+                        f"non-finite loss {global_loss.item()} at epoch {self.epoch + 1}, step {self.step}; "
+                        f"the run stopped. Last good checkpoint: {where}. "
+                        f"Lower optimizer.lr or set optimizer.clip_grad."
+                    )
+                scaled = loss / accum
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
+            if sync:
+                self._optimizer_step()
+            seen += x.shape[0] * self.world
+            loss_sum += global_loss.item()
+            rate = seen / max(time.perf_counter() - t0, 1e-9)
+            if bar is not None:
+                bar.set_postfix(loss=f"{global_loss.item():.4f}", img_s=f"{rate:.0f}")
+                bar.update()
+            if (i + 1) % max(1, cfg.runtime.log_every) == 0 or i + 1 == n_batches:
+                lr = self.optimizer.param_groups[0]["lr"]
+                rec = {
+                    "epoch": self.epoch + 1,
+                    "step": self.step,
+                    "loss": global_loss.item(),
+                    "lr": lr,
+                    "img_per_s": rate,
+                }
+                self._log(rec)
+                if self.main and bar is None:
+                    left = (n_batches - i - 1) * (time.perf_counter() - t0) / (i + 1)
+                    print(
+                        f"epoch {self.epoch + 1}/{cfg.schedule.epochs} batch {i + 1}/{n_batches} "
+                        f"loss {global_loss.item():.4f} lr {lr:.2e} {rate:.0f} img/s eta(epoch) {left:.0f}s",
+                        flush=True,
+                    )
+        if bar is not None:
+            bar.close()
+        return loss_sum / max(1, n_batches)
+
+    def _optimizer_step(self) -> None:
+        o = self.cfg.optimizer
+        if o.clip_grad:
+            if self.scaler:
+                self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_([p for p in self.peft.parameters() if p.requires_grad], o.clip_grad)
+        set_lr(self.optimizer, cosine_factor(self.step, self.total_steps, self.warmup_steps, self.min_ratio))
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if self.ema:
+            self.ema.update(self.peft)
+
+    @staticmethod
+    def epoch_of_checkpoint(path: Path) -> int | str:
+        try:
+            return int(load_checkpoint(path)["epoch"])
+        except Exception:  # noqa: BLE001
+            return "?"
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Top-1 accuracy (percent) and mean loss over the evaluation split, every sample counted once."""
+        if self.ema:
+            self.ema.swap(self.peft)
+        self.model.eval()
+        stats = torch.zeros(3, dtype=torch.float64)
+        for x, y in self.eval_loader:
+            x, y = x.to(self.device), y.to(self.device)
+            with self._autocast():
+                logits = self.peft(x)
+            stats[0] += (logits.argmax(-1) == y).sum().item()
+            stats[1] += y.numel()
+            stats[2] += F.cross_entropy(logits.float(), y, reduction="sum").item()
+        if self.ema:
+            self.ema.swap(self.peft)
+        stats = all_reduce_sum(stats)
+        n = max(stats[1].item(), 1.0)
+        return {
+            "top1": 100.0 * stats[0].item() / n,
+            "eval_loss": stats[2].item() / n,
+            "eval_samples": int(stats[1].item()),
+        }
+
+    def fit(self, max_epochs: int | None = None) -> dict[str, Any]:
+        """Train until ``schedule.epochs`` (or ``max_epochs`` more epochs), evaluating and checkpointing."""
+        cfg, rt = self.cfg, self.cfg.runtime
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "config.yaml").write_text(cfg.to_yaml(), encoding="utf-8")
+        t0 = time.perf_counter()
+        stop = cfg.schedule.epochs if max_epochs is None else min(cfg.schedule.epochs, self.epoch + max_epochs)
+        metrics: dict[str, Any] = {}
+        while self.epoch < stop:
+            train_loss = self.train_epoch()
+            self.epoch += 1
+            last = self.epoch == cfg.schedule.epochs
+            rec = {"epoch": self.epoch, "step": self.step, "train_loss": train_loss}
+            if last or self.epoch % max(1, rt.eval_every) == 0:
+                metrics = self.evaluate()
+                rec.update(metrics)
+            self.history.append(rec)
+            self._log(rec)
+            if self.main:
+                extra = f" top1 {metrics['top1']:.2f}" if "top1" in rec else ""
+                print(f"epoch {self.epoch}/{cfg.schedule.epochs} train_loss {train_loss:.4f}{extra}", flush=True)
+            if last or self.epoch % max(1, rt.ckpt_every) == 0:
+                self.save_checkpoint()
+        result = self.finish(time.perf_counter() - t0) if self.epoch == cfg.schedule.epochs else {}
+        return result
+
+    def finish(self, seconds: float) -> dict[str, Any]:
+        """Evaluate the final weights, save the adapter and ``results.json``."""
+        metrics = self.evaluate()
+        trainable, total = self.peft.get_nb_trainable_parameters()
+        result = {
+            "task": self.task,
+            "method": self.cfg.method.method,
+            "model": self.cfg.model.name,
+            "top1": metrics["top1"],
+            "eval_loss": metrics["eval_loss"],
+            "eval_samples": metrics["eval_samples"],
+            "trainable_params": trainable,
+            "total_params": total,
+            "epochs": self.epoch,
+            "steps": self.step,
+            "seconds": seconds,
+            "world_size": self.world,
+            "config": self.cfg.to_dict(),
+        }
+        if self.main:
+            if self.ema:
+                self.ema.swap(self.peft)
+            self.peft.save_adapter(self.out / "adapter")
+            if self.ema:
+                self.ema.swap(self.peft)
+            save_json(self.out / "results.json", result)
+            if self._tb:
+                self._tb.close()
+        barrier()
+        return result
