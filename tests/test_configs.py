@@ -1,0 +1,53 @@
+"""Every shipped experiment config loads, and its method fits its backbone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import visionpeft as vp
+from visionpeft.data.vtab import VTAB_TASKS, resolve_task
+from visionpeft.engine.build import build_backbone
+from visionpeft.engine.experiment import load_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*/*.yaml"))
+CONFIGS = [c for c in CONFIGS if c.parent.name != "_base_"]
+
+
+def test_every_config_loads_and_is_named_by_convention():
+    assert len(CONFIGS) > 250
+    vit_tasks = set()
+    for path in CONFIGS:
+        cfg = load_config(path)
+        parts = path.stem.split("_")
+        assert parts[-1].split("-")[-1] == str(cfg.data.img_size), path.name
+        assert path.stem.startswith(cfg.method.method), path.name
+        if "vit-b16" in path.stem:
+            vit_tasks.add((cfg.method.method, resolve_task(cfg.data.task)))
+    methods = {m for m, _ in vit_tasks}
+    assert methods >= set(vp.list_methods()) - {"conv_adapter"}
+    for m in methods:
+        assert {t for mm, t in vit_tasks if mm == m} == set(VTAB_TASKS)
+
+
+def _one_per_method_and_backbone():
+    seen, out = set(), []
+    for path in CONFIGS:
+        cfg = load_config(path)
+        key = (cfg.method.method, cfg.model.name, str(cfg.method))
+        if key not in seen:
+            seen.add(key)
+            out.append(path)
+    return out
+
+
+@pytest.mark.parametrize("path", _one_per_method_and_backbone(), ids=lambda p: p.stem)
+def test_config_builds_on_meta_device(path):
+    cfg = load_config(path, ["model.pretrained=false", "model.pretrained_file=null"])
+    with torch.device("meta"):
+        backbone = build_backbone(cfg.model, 10)
+        model = vp.get_peft_model(backbone, cfg.method)
+    trainable, total = model.get_nb_trainable_parameters()
+    assert 0 < trainable <= total
