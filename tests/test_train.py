@@ -41,7 +41,10 @@ def tiny_config(tmp_path: Path, **sections) -> Path:
         },
     }
     for k, v in sections.items():
-        data[k].update(v)
+        if k == "method" and "name" in v:
+            data[k] = dict(v)
+        else:
+            data[k].update(v)
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -220,3 +223,43 @@ def test_cli_errors_are_clear(tmp_path):
     assert r.returncode == 2 and "did you mean 'lr'" in r.stderr
     r = run_tool("tools/train.py", "--config", str(tmp_path / "nope.yaml"))
     assert r.returncode == 2 and "nope.yaml" in r.stderr
+
+
+def test_amp_ema_accumulation_clipping_and_param_groups(tmp_path):
+    cfg = load_config(
+        tiny_config(tmp_path, method={"name": "vpt", "num_tokens": 2}),
+        [
+            "runtime.amp=bf16",
+            "runtime.ema=0.9",
+            "optimizer.grad_accum=2",
+            "optimizer.clip_grad=1.0",
+            "optimizer.head_lr=0.05",
+            "schedule.epochs=2",
+        ],
+    )
+    t = Trainer(cfg, progress=False)
+    groups = {(g["lr"], g["weight_decay"]) for g in t.optimizer.param_groups}
+    assert (0.05, 0.0) in groups  # the head's bias: head lr, no decay
+    assert all(g["weight_decay"] == 0.0 for g in t.optimizer.param_groups if any(p.ndim <= 1 for p in g["params"]))
+    prompts = [n for n, p in t.peft.named_parameters() if p.requires_grad and "vpt_prompts" in n]
+    decayed = {id(p) for g in t.optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    assert prompts and not any(id(dict(t.peft.named_parameters())[n]) in decayed for n in prompts)
+    steps_per_epoch = len(t.sampler) // 2
+    result = t.fit()
+    assert result["steps"] == 2 * steps_per_epoch
+    assert 0.0 <= result["top1"] <= 100.0 and result["eval_loss"] == result["eval_loss"]  # finite, not NaN
+    # EMA weights differ from the live ones and are the ones saved
+    live = {k: v.clone() for k, v in t.peft.adapter_state_dict().items()}
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "run" / "adapter" / "adapter.safetensors"))
+    assert any(not torch.equal(saved[k], live[k]) for k in live)
+
+
+def test_cosine_schedule_with_warmup():
+    from visionpeft.engine.optim import cosine_factor
+
+    f = [cosine_factor(s, total=100, warmup=10) for s in range(100)]
+    assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
+    assert f[10] == pytest.approx(1.0) and f[55] == pytest.approx(0.5, abs=0.02) and f[99] < 0.01
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))

@@ -185,7 +185,8 @@ def _build(cls: type, data: dict[str, Any], section: str) -> Any:
     kwargs = {}
     for key, value in data.items():
         if key not in names:
-            raise ConfigError(f"unknown key '{section}.{key}'{_suggest(key, names)}")
+            hint = f" (options of the method {cls.method!r})" if section == "method" else ""
+            raise ConfigError(f"unknown key '{section}.{key}'{hint}{_suggest(key, names)}")
         kwargs[key] = _check_type(f"{section}.{key}", value, hints[key])
     try:
         return cls(**kwargs)
