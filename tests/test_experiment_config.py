@@ -33,7 +33,8 @@ def test_misspelt_keys_suggest(tmp_path):
         load_config(None, ["optimizer.lrr=1"])
     with pytest.raises(ConfigError, match="unknown section 'optimiser'; did you mean 'optimizer'"):
         load_config(_write(tmp_path / "a.yaml", {"optimiser": {"lr": 1}}))
-    with pytest.raises(ConfigError, match=r"unknown key 'method.rnak' \(options of the method 'lora'\); did you mean 'rank'"):
+    msg = r"unknown key 'method.rnak' \(options of the method 'lora'\); did you mean 'rank'"
+    with pytest.raises(ConfigError, match=msg):
         load_config(None, ["method.rnak=4"])
     with pytest.raises(ConfigError, match="method.name: unknown PEFT method 'lorra'"):
         load_config(None, ["method.name=lorra"])
