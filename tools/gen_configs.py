@@ -51,7 +51,10 @@ def method_list(backbone: str) -> list[tuple[str, dict]]:
     out = [(s, m) for s, m in VIT_METHODS if m["name"] not in _NOT_ON_HIERARCHICAL]
     if backbone == "convnext-b":
         out = [(s, m) for s, m in out if m["name"] != "adapter" and "qkv_slices" not in m]
-        lora = [("lora-r8", {"name": "lora", "rank": 8, "alpha": 8}), ("dora-r8", {"name": "dora", "rank": 8, "alpha": 8})]
+        lora = [
+            ("lora-r8", {"name": "lora", "rank": 8, "alpha": 8}),
+            ("dora-r8", {"name": "dora", "rank": 8, "alpha": 8}),
+        ]
         out = lora + out
         out += CNN_ONLY
     return out
