@@ -22,7 +22,7 @@ $(STAMP): setup.py Makefile
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) tools/demo.py
+	$(PY) tools/train.py --config configs/demo/*.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

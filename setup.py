@@ -26,9 +26,12 @@ setup(
         "safetensors>=0.4",
         "numpy",
         "pyyaml",
+        "tqdm",
+        "tensorboard",
+        "pillow",
+        "mlxtend>=0.23",
     ],
     extras_require={
-        "data": ["mlxtend>=0.23", "pillow"],
         "dev": [
             "pytest>=8",
             "pytest-timeout",

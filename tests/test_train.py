@@ -61,6 +61,7 @@ def test_train_then_eval_cli(tmp_path):
     run = tmp_path / "run"
     for name in ("config.yaml", "log.jsonl", "last.ckpt", "results.json", "adapter/adapter.safetensors"):
         assert (run / name).exists(), name
+    assert list((run / "tb").glob("events.out.tfevents.*")), "no TensorBoard event file"
     result = json.loads((run / "results.json").read_text())
     assert result["method"] == "lora" and result["task"] == "digits5to9" and result["eval_samples"] == 200
     logs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]

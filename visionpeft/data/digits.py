@@ -476,23 +476,23 @@ class Recipe:
 
 
 RECIPES: dict[str, Recipe] = {
-    "lora": Recipe("lora", {"rank": 4}, lr=5e-3),
-    "lora_qv": Recipe("lora", {"rank": 4, "qkv_slices": "qv"}, lr=5e-3),
-    "dora": Recipe("dora", {"rank": 4}, lr=5e-3),
-    "adaptformer": Recipe("adaptformer", {"bottleneck": 16, "scale": 0.5}, lr=5e-3),
-    "parallel_adapter": Recipe("parallel_adapter", {"bottleneck": 16, "scale": 0.5}, lr=5e-3),
-    "adapter_houlsby": Recipe("adapter", {"bottleneck": 16, "placement": "houlsby"}, lr=5e-3),
-    "adapter_pfeiffer": Recipe("adapter", {"bottleneck": 16, "placement": "pfeiffer"}, lr=5e-3),
+    "lora": Recipe("lora", {"rank": 4}, lr=1e-2),
+    "lora_qv": Recipe("lora", {"rank": 4, "qkv_slices": "qv"}, lr=1e-2),
+    "dora": Recipe("dora", {"rank": 4}, lr=1e-2),
+    "adaptformer": Recipe("adaptformer", {"bottleneck": 16, "scale": 0.5}, lr=1e-2),
+    "parallel_adapter": Recipe("parallel_adapter", {"bottleneck": 16, "scale": 0.5}, lr=1e-2),
+    "adapter_houlsby": Recipe("adapter", {"bottleneck": 16, "placement": "houlsby"}, lr=1e-2),
+    "adapter_pfeiffer": Recipe("adapter", {"bottleneck": 16, "placement": "pfeiffer"}, lr=1e-2),
     "conv_adapter_block": Recipe("conv_adapter", {"level": "block", "mode": "parallel"}, lr=5e-3, backbone="resnet"),
     "conv_adapter_stage_seq": Recipe(
         "conv_adapter", {"level": "stage", "mode": "sequential"}, lr=5e-3, backbone="resnet"
     ),
     "conv_adapter_conv": Recipe("conv_adapter", {"level": "conv", "mode": "parallel"}, lr=5e-3, backbone="resnet"),
-    "vpt": Recipe("vpt", {"num_tokens": 4}, lr=1e-2),
-    "vpt_deep": Recipe("vpt", {"num_tokens": 4, "deep": True}, lr=1e-2),
-    "bitfit": Recipe("bitfit", {}, lr=1e-2),
-    "ssf": Recipe("ssf", {}, lr=1e-2),
-    "ln_tune": Recipe("ln_tune", {}, lr=1e-2),
-    "linear_probe": Recipe("linear_probe", {}, lr=1e-2),
-    "full": Recipe("full", {}, lr=1e-3),
+    "vpt": Recipe("vpt", {"num_tokens": 4}, lr=5e-2),
+    "vpt_deep": Recipe("vpt", {"num_tokens": 4, "deep": True}, lr=5e-2),
+    "bitfit": Recipe("bitfit", {}, lr=3e-2),
+    "ssf": Recipe("ssf", {}, lr=3e-2),
+    "ln_tune": Recipe("ln_tune", {}, lr=3e-2),
+    "linear_probe": Recipe("linear_probe", {}, lr=5e-2),
+    "full": Recipe("full", {}, lr=3e-3),
 }
