@@ -264,3 +264,18 @@ def test_cosine_schedule_with_warmup():
     assert f[0] == pytest.approx(0.1) and f[9] == pytest.approx(1.0)
     assert f[10] == pytest.approx(1.0) and f[55] == pytest.approx(0.5, abs=0.02) and f[99] < 0.01
     assert all(a >= b for a, b in zip(f[10:], f[11:], strict=False))
+
+
+def test_hub_weights_requested_through_timm(monkeypatch):
+    """With model.pretrained (and no file) timm is asked for its hub weights under the given name and tag."""
+    calls = []
+
+    def fake_create(name, pretrained=False, **kw):
+        calls.append((name, pretrained, kw))
+        return timm.models.create_model("test_vit", num_classes=kw["num_classes"])
+
+    import visionpeft.engine.build as build
+
+    monkeypatch.setattr(build.timm, "create_model", fake_create)
+    build_backbone(ModelConfig(name="vit_base_patch16_224.augreg_in21k", pretrained=True), 37)
+    assert calls == [("vit_base_patch16_224.augreg_in21k", True, {"num_classes": 37})]
