@@ -64,6 +64,18 @@ class BackboneSpec:
         return [n for n, _ in model.named_modules() if n and pattern.fullmatch(n)]
 
 
+def classifier_at(path: str) -> Callable[[nn.Module], list[str]]:
+    """Head finder: ``[path]`` when the module at dotted ``path`` exists and is not an Identity."""
+
+    def find(model: nn.Module) -> list[str]:
+        m: nn.Module | None = model
+        for part in path.split("."):
+            m = getattr(m, part, None)
+        return [] if m is None or isinstance(m, nn.Identity) else [path]
+
+    return find
+
+
 def _is_channels_first_norm(module: nn.Module) -> bool:
     return type(module).__name__ in ("LayerNorm2d", "LayerNormNd", "GroupNorm1")
 

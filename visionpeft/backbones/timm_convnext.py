@@ -9,18 +9,13 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .._registry import register_backbone
-from ._spec import BackboneSpec
+from ._spec import BackboneSpec, classifier_at
 
 
 def _is_convnext(model: nn.Module) -> bool:
     from timm.models.convnext import ConvNeXt
 
     return isinstance(model, ConvNeXt)
-
-
-def _head(model: nn.Module) -> list[str]:
-    fc = getattr(getattr(model, "head", None), "fc", None)
-    return [] if fc is None or isinstance(fc, nn.Identity) else ["head.fc"]
 
 
 _B = r"stages\.\d+\.blocks\.\d+"
@@ -41,6 +36,6 @@ TIMM_CONVNEXT = register_backbone(
         },
         layouts={"stage": "NCHW", "block": "NCHW", "conv_dw": "NCHW", "mlp": "NHWC"},
         default_layout="NCHW",
-        head=_head,
+        head=classifier_at("head.fc"),
     )
 )

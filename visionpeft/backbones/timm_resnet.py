@@ -5,18 +5,13 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .._registry import register_backbone
-from ._spec import BackboneSpec
+from ._spec import BackboneSpec, classifier_at
 
 
 def _is_resnet(model: nn.Module) -> bool:
     from timm.models.resnet import ResNet
 
     return isinstance(model, ResNet)
-
-
-def _head(model: nn.Module) -> list[str]:
-    fc = getattr(model, "fc", None)
-    return [] if fc is None or isinstance(fc, nn.Identity) else ["fc"]
 
 
 _B = r"layer\d\.\d+"
@@ -35,6 +30,6 @@ TIMM_RESNET = register_backbone(
         },
         layouts={"stage": "NCHW", "block": "NCHW", "conv": "NCHW", "conv_mid": "NCHW"},
         default_layout="NCHW",
-        head=_head,
+        head=classifier_at("fc"),
     )
 )

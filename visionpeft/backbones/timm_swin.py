@@ -5,18 +5,13 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .._registry import register_backbone
-from ._spec import BackboneSpec
+from ._spec import BackboneSpec, classifier_at
 
 
 def _is_swin(model: nn.Module) -> bool:
     from timm.models.swin_transformer import SwinTransformer
 
     return isinstance(model, SwinTransformer)
-
-
-def _head(model: nn.Module) -> list[str]:
-    fc = getattr(getattr(model, "head", None), "fc", None)
-    return [] if fc is None or isinstance(fc, nn.Identity) else ["head.fc"]
 
 
 _B = r"layers\.\d+\.blocks\.\d+"
@@ -40,7 +35,7 @@ TIMM_SWIN = register_backbone(
         # WindowAttention sees (num_windows*B, window_area, C); blocks and MLPs (B, H, W, C)
         layouts={"stage": "NHWC", "block": "NHWC", "attn": "NLC", "mlp": "NHWC"},
         default_layout="NHWC",
-        head=_head,
+        head=classifier_at("head.fc"),
         num_prefix_tokens=None,
         patch_size=lambda m: int(m.patch_embed.patch_size[0]),
     )

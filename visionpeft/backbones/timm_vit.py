@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .._registry import register_backbone
-from ._spec import BackboneSpec
+from ._spec import BackboneSpec, classifier_at
 
 
 def _vit_like(prefix: str = r"blocks\.\d+") -> dict[str, str]:
@@ -52,12 +52,6 @@ def _is_samvit(model: nn.Module) -> bool:
     return isinstance(model, VisionTransformerSAM)
 
 
-def _samvit_head(model: nn.Module) -> list[str]:
-    head = getattr(model, "head", None)
-    fc = getattr(head, "fc", None)
-    return ["head.fc"] if not _is_identity(fc) else []
-
-
 TIMM_VIT = register_backbone(
     BackboneSpec(
         name="timm_vit",
@@ -78,7 +72,7 @@ TIMM_SAMVIT = register_backbone(
         roles={k: v for k, v in _vit_like().items() if k != "final_norm"},
         layouts={r: "NHWC" for r in ("block", "attn", "mlp")},
         default_layout="NHWC",
-        head=_samvit_head,
+        head=classifier_at("head.fc"),
         num_prefix_tokens=None,  # blocks see (B, H, W, C) maps, windowed attention
         patch_size=_patch,
     )

@@ -84,9 +84,6 @@ class LNTune(Method):
 
     @classmethod
     def build(cls, model, spec, cfg):
-        reason = cls.unsupported_reason(model, spec, cfg)
-        if reason:
-            raise ValueError(reason)
         modules = dict(model.named_modules())
         return [
             (n, LNTuneLayer(modules[n], cfg.init_weights))

@@ -92,9 +92,6 @@ class VPT(Method):
 
     @classmethod
     def build(cls, model, spec, cfg):
-        reason = cls.unsupported_reason(model, spec, cfg)
-        if reason:
-            raise ValueError(reason)
         if cfg.targets is not None:
             raise ValueError("vpt places prompts before blocks; select blocks with layers=[...], not targets")
         blocks = spec.blocks(model)
