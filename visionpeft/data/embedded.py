@@ -15,18 +15,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .digits import KINDS, default_cache_dir, digit_split, pretrain_backbone
+from .digits import _FORMAT, KINDS, default_cache_dir, digit_split, pretrain_backbone
 
 TASK = "digits5to9"
 NUM_CLASSES = 5
-# timm arguments that rebuild the embedded backbones (see visionpeft.data.digits.make_backbone)
-BACKBONES = {
-    "vit": {
-        "name": "vit_tiny_patch16_224",
-        "kwargs": {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 4, "num_heads": 4, "mlp_ratio": 2.0},
-    },
-    "resnet": {"name": "test_resnet", "kwargs": {"zero_init_last": False}},
-}
+# the timm name and arguments that rebuild each embedded backbone: visionpeft.data.digits.BACKBONE_ARGS
 
 
 def cache_dir() -> Path:
@@ -39,10 +32,11 @@ def embedded_backbone_file(kind: str = "vit") -> Path:
 
     if kind not in KINDS:
         raise ValueError(f"unknown embedded backbone {kind!r}; choose one of {', '.join(KINDS)}")
-    path = cache_dir() / f"digits-{kind}-backbone.safetensors"
+    path = cache_dir() / f"digits-{kind}-backbone-v{_FORMAT}.safetensors"
     if path.is_file():
         return path
-    model, acc = pretrain_backbone(kind, cache_dir=cache_dir(), verbose=True)
+    # one thread: on a small shared machine more threads are slower for this tiny model
+    model, acc = pretrain_backbone(kind, cache_dir=cache_dir(), threads=1, verbose=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)

@@ -226,7 +226,7 @@ class Trainer:
                     "img_per_s": rate,
                 }
                 self._log(rec)
-                if self.main and bar is None:
+                if self.main and bar is None and (i + 1) % max(1, cfg.runtime.log_every) == 0:
                     left = (n_batches - i - 1) * (time.perf_counter() - t0) / (i + 1)
                     print(
                         f"epoch {self.epoch + 1}/{cfg.schedule.epochs} batch {i + 1}/{n_batches} "
