@@ -62,3 +62,13 @@ def test_config_json_round_trip():
     assert vp.LoRAConfig.from_dict(data) == cfg
     with pytest.raises(ValueError, match="config is for method 'lora', not 'dora'"):
         vp.DoRAConfig.from_dict(data)
+
+
+def test_unload_restores_the_users_requires_grad_flags():
+    net = timm.create_model("test_vit", num_classes=3)
+    net.patch_embed.requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in net.named_parameters()}
+    pm = vp.get_peft_model(net, "lora", rank=2)
+    assert not any(p.requires_grad for p in net.parameters())
+    plain = pm.merge_and_unload()
+    assert {n: p.requires_grad for n, p in plain.named_parameters()} == flags

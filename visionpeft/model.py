@@ -64,6 +64,7 @@ class PeftVisionModel(nn.Module):
         self._merged: str | None = None
         self._unloaded = False
         built = self._build(adapter_name, config)  # may raise: nothing changed yet
+        self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}  # restored on unload
         for p in model.parameters():
             p.requires_grad_(False)
         self._attach(adapter_name, config, *built)
@@ -261,8 +262,8 @@ class PeftVisionModel(nn.Module):
             for h in handles:
                 h.remove()
         self._handles = {n: [] for n in self._handles}
-        for p in self.base_model.parameters():
-            p.requires_grad_(True)
+        for n, p in self.base_model.named_parameters():
+            p.requires_grad_(self._requires_grad.get(n, True))
         self._unloaded = True
         return self.base_model
 
