@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         "top1": 100.0 * correct / max(total, 1),
         "eval_samples": total,
     }
-    print(f"{task}: top1 {metrics['top1']:.2f}% on {total} images ({cfg.method.method}, {adapter})")
+    print(f"{task}: top1 {metrics['top1']:.2f}% on {total} images ({method}, {adapter})")
     if args.out:
         Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     return 0
