@@ -59,9 +59,10 @@ def main(argv: list[str] | None = None) -> int:
             pred = model(x.to(device)).argmax(-1).cpu()
             correct += int((pred == y).sum())
             total += y.numel()
+    method = model.peft_config[model.active_adapter].method  # the adapter file decides, not the config
     metrics = {
         "task": task,
-        "method": cfg.method.method,
+        "method": method,
         "adapter": str(adapter),
         "top1": 100.0 * correct / max(total, 1),
         "eval_samples": total,
