@@ -72,3 +72,21 @@ def test_unload_restores_the_users_requires_grad_flags():
     assert not any(p.requires_grad for p in net.parameters())
     plain = pm.merge_and_unload()
     assert {n: p.requires_grad for n, p in plain.named_parameters()} == flags
+
+
+def test_deit_distilled_saves_both_heads_and_vpt_keeps_two_prefix_tokens(tmp_path):
+    torch.manual_seed(0)
+    make = lambda: timm.create_model(  # noqa: E731
+        "deit_tiny_distilled_patch16_224", img_size=32, embed_dim=32, depth=2, num_heads=2, num_classes=4
+    ).eval()
+    base = make()
+    spec = vp.detect_backbone(base)
+    assert spec.name == "timm_vit" and spec.head(base) == ["head", "head_dist"] and spec.num_prefix_tokens(base) == 2
+    pm = vp.get_peft_model(base, vp.VPTConfig(num_tokens=3, deep=True, init_weights=False))
+    x = torch.randn(2, 3, 32, 32)
+    out = pm(x)
+    pm.save_adapter(tmp_path / "a")
+    torch.manual_seed(0)
+    loaded = vp.load_adapter(make(), tmp_path / "a")
+    torch.testing.assert_close(loaded(x), out)
+    assert {"modules_to_save-head", "modules_to_save-head_dist"} <= set(loaded.peft_modules["default"].keys())
