@@ -49,14 +49,21 @@ OTHER_LIMIT = 0.25  # CPU cores other processes may use while a worker measures
 
 # name -> (method, options); "peft_lora" is Hugging Face peft's LoRA on the same model
 CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "full": ("full", {}), "peft_lora": ("peft_lora", {}),
-    "lora": ("lora", {"rank": 8}), "lora_qv": ("lora", {"rank": 8, "qkv_slices": "qv"}),
-    "dora": ("dora", {"rank": 8}), "adaptformer": ("adaptformer", {"bottleneck": 64, "scale": 0.1}),
+    "full": ("full", {}),
+    "peft_lora": ("peft_lora", {}),
+    "lora": ("lora", {"rank": 8}),
+    "lora_qv": ("lora", {"rank": 8, "qkv_slices": "qv"}),
+    "dora": ("dora", {"rank": 8}),
+    "adaptformer": ("adaptformer", {"bottleneck": 64, "scale": 0.1}),
     "parallel_adapter": ("parallel_adapter", {"bottleneck": 64}),
     "adapter_houlsby": ("adapter", {"bottleneck": 64, "placement": "houlsby"}),
     "adapter_pfeiffer": ("adapter", {"bottleneck": 64, "placement": "pfeiffer"}),
-    "vpt": ("vpt", {"num_tokens": 10}), "vpt_deep": ("vpt", {"num_tokens": 10, "deep": True}),
-    "bitfit": ("bitfit", {}), "ssf": ("ssf", {}), "ln_tune": ("ln_tune", {}), "linear_probe": ("linear_probe", {}),
+    "vpt": ("vpt", {"num_tokens": 10}),
+    "vpt_deep": ("vpt", {"num_tokens": 10, "deep": True}),
+    "bitfit": ("bitfit", {}),
+    "ssf": ("ssf", {}),
+    "ln_tune": ("ln_tune", {}),
+    "linear_probe": ("linear_probe", {}),
 }
 
 
@@ -153,8 +160,12 @@ def worker(name: str, args: argparse.Namespace) -> dict[str, Any]:
     with sampler:
         step_ms = timed_median(step, args.warmup, args.steps)
     out: dict[str, Any] = {
-        "name": name, "method": CONFIGS[name][0], "options": CONFIGS[name][1],
-        "trainable": trainable, "total": total, "step_ms": step_ms,
+        "name": name,
+        "method": CONFIGS[name][0],
+        "options": CONFIGS[name][1],
+        "trainable": trainable,
+        "total": total,
+        "step_ms": step_ms,
         "baseline_rss_mb": baseline / 2**20,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
         "peak_train_increase_mb": (sampler.peak - baseline) / 2**20,
@@ -200,9 +211,24 @@ def run_worker(name: str, args: argparse.Namespace) -> dict[str, Any]:
     Also records ``other_cores``: the mean CPU load (in cores) of every other process on the
     machine while the worker ran, so that a contended measurement is visible.
     """
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name, "--warmup", str(args.warmup),
-           "--steps", str(args.steps), "--batch", str(args.batch), "--model", args.model,
-           "--img-size", str(args.img_size), "--threads", str(args.threads)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        name,
+        "--warmup",
+        str(args.warmup),
+        "--steps",
+        str(args.steps),
+        "--batch",
+        str(args.batch),
+        "--model",
+        args.model,
+        "--img-size",
+        str(args.img_size),
+        "--threads",
+        str(args.threads),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     wait_idle(args.idle_wait)
     b0, c0, t0 = cpu_busy(), children_cpu(), time.perf_counter()
@@ -228,8 +254,23 @@ def fmt(v: Any, spec: str = ".1f", suffix: str = "") -> str:
 def table(results: dict[str, dict[str, Any]]) -> str:
     """Render the results as a Markdown table with same-run ratios."""
     full, hf = results.get("full", {}), results.get("peft_lora", {})
-    head = ["config", "trainable", "total", "step ms", "step/full", "step/peft", "peak RSS MB",
-            "train +MB", "mem/peft", "mem/full", "infer ms", "merged ms", "plain ms", "merged/plain", "other load"]
+    head = [
+        "config",
+        "trainable",
+        "total",
+        "step ms",
+        "step/full",
+        "step/peft",
+        "peak RSS MB",
+        "train +MB",
+        "mem/peft",
+        "mem/full",
+        "infer ms",
+        "merged ms",
+        "plain ms",
+        "merged/plain",
+        "other load",
+    ]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
         if "error" in r:
@@ -237,14 +278,21 @@ def table(results: dict[str, dict[str, Any]]) -> str:
             continue
         inc = r["peak_train_increase_mb"]
         cells = [
-            name, f"{r['trainable'] / 1e6:.3f}M", f"{r['total'] / 1e6:.2f}M", fmt(r["step_ms"], ".0f"),
+            name,
+            f"{r['trainable'] / 1e6:.3f}M",
+            f"{r['total'] / 1e6:.2f}M",
+            fmt(r["step_ms"], ".0f"),
             fmt(ratio(r["step_ms"], full.get("step_ms")), ".2f", "x"),
             fmt(ratio(r["step_ms"], hf.get("step_ms")), ".2f", "x"),
-            fmt(r["peak_rss_mb"], ".0f"), fmt(inc, ".0f"),
+            fmt(r["peak_rss_mb"], ".0f"),
+            fmt(inc, ".0f"),
             fmt(ratio(inc, hf.get("peak_train_increase_mb")), ".2f", "x"),
             fmt(ratio(inc, full.get("peak_train_increase_mb")), ".2f", "x"),
-            fmt(r["infer_unmerged_ms"], ".0f"), fmt(r["infer_merged_ms"], ".0f"), fmt(r["infer_plain_ms"], ".0f"),
-            fmt(ratio(r["infer_merged_ms"], r["infer_plain_ms"]), ".3f", "x"), fmt(r.get("other_cores"), ".2f"),
+            fmt(r["infer_unmerged_ms"], ".0f"),
+            fmt(r["infer_merged_ms"], ".0f"),
+            fmt(r["infer_plain_ms"], ".0f"),
+            fmt(ratio(r["infer_merged_ms"], r["infer_plain_ms"]), ".3f", "x"),
+            fmt(r.get("other_cores"), ".2f"),
         ]
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
@@ -264,8 +312,11 @@ def check_targets(results: dict[str, dict[str, Any]]) -> list[str]:
     ours, hf, full = ok.get("lora"), ok.get("peft_lora"), ok.get("full")
     if ours and hf:
         check("lora step / peft_lora step", ratio(ours["step_ms"], hf["step_ms"]), 1.00)
-        check("lora train-memory increase / peft_lora's",
-              ratio(ours["peak_train_increase_mb"], hf["peak_train_increase_mb"]), 1.00)
+        check(
+            "lora train-memory increase / peft_lora's",
+            ratio(ours["peak_train_increase_mb"], hf["peak_train_increase_mb"]),
+            1.00,
+        )
     for name, r in ok.items():
         if name not in ("full", "peft_lora") and full:
             check(f"{name} step / full step", ratio(r["step_ms"], full["step_ms"]), 0.75)
@@ -288,8 +339,15 @@ def machine_facts(args: argparse.Namespace) -> dict[str, Any]:
             cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "threads": args.threads, "python": platform.python_version(),
-            "torch": torch.__version__, "timm": timm.__version__, "peft": peft.__version__}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": args.threads,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "peft": peft.__version__,
+    }
 
 
 def write_docs(path: Path, tbl: str, checks: list[str], facts: dict[str, Any], args: argparse.Namespace) -> None:
@@ -307,9 +365,9 @@ Command:
 ```
 
 Setup: `{args.model}` (random weights, 100 classes), {args.img_size}x{args.img_size}, batch {args.batch},
-CPU, {args.warmup} warm-up + {args.steps} measured steps (medians). Machine: {facts['cpu']}, {facts['cores']}
-cores, torch {facts['torch']} with {facts['threads']} threads, timm {facts['timm']}, peft {facts['peft']},
-Python {facts['python']}.
+CPU, {args.warmup} warm-up + {args.steps} measured steps (medians). Machine: {facts["cpu"]}, {facts["cores"]}
+cores, torch {facts["torch"]} with {facts["threads"]} threads, timm {facts["timm"]}, peft {facts["peft"]},
+Python {facts["python"]}.
 
 Columns: *step* = forward + cross-entropy + backward + AdamW step; *peak RSS* = `ru_maxrss` after
 training; *train +MB* = peak RSS increase over the model-loaded baseline during the training steps
@@ -342,8 +400,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="out/benchmark.json")
     p.add_argument("--docs", default="docs/benchmarks.md")
-    p.add_argument("--idle-wait", type=float, default=3600.0,
-                   help="seconds to wait, before each worker, for other processes to leave the CPUs")
+    p.add_argument(
+        "--idle-wait",
+        type=float,
+        default=3600.0,
+        help="seconds to wait, before each worker, for other processes to leave the CPUs",
+    )
     p.add_argument("--retries", type=int, default=3, help="reruns of a worker that other processes disturbed")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)

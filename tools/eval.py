@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from visionpeft.data.build import build_datasets
     from visionpeft.engine.build import build_backbone
     from visionpeft.engine.experiment import ConfigError, load_config
-    from visionpeft.engine.trainer import seed_everything
+    from visionpeft.engine.trainer import evaluation_sums, seed_everything, summarize
 
     overrides = list(args.overrides) + ([f"data.root={args.data_root}"] if args.data_root else [])
     adapter = Path(args.adapter)
@@ -51,23 +51,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     device = "cuda" if torch.cuda.is_available() and cfg.runtime.device != "cpu" else "cpu"
-    model.to(device).eval()
+    model.to(device)
     loader = torch.utils.data.DataLoader(eval_set, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers)
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in loader:
-            pred = model(x.to(device)).argmax(-1).cpu()
-            correct += int((pred == y).sum())
-            total += y.numel()
+    metrics = summarize(evaluation_sums(model, loader, torch.device(device)))
     method = model.peft_config[model.active_adapter].method  # the adapter file decides, not the config
     metrics = {
         "task": task,
         "method": method,
         "adapter": str(adapter),
-        "top1": 100.0 * correct / max(total, 1),
-        "eval_samples": total,
+        **metrics,
     }
-    print(f"{task}: top1 {metrics['top1']:.2f}% on {total} images ({method}, {adapter})")
+    print(f"{task}: top1 {metrics['top1']:.2f}% on {metrics['eval_samples']} images ({method}, {adapter})")
     if args.out:
         Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
     return 0

@@ -20,7 +20,6 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import math
 import os
 import tempfile
 import time
@@ -239,15 +238,10 @@ def _threads(n: int | None) -> Iterator[None]:
 
 
 def _schedule(opt: torch.optim.Optimizer, steps: int, warmup: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up, then cosine decay to 5% of the peak learning rate."""
+    """Linear warm-up, then cosine decay to 5% of the peak learning rate (the engine's schedule)."""
+    from ..engine.optim import cosine_factor
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        t = (step - warmup) / max(1, steps - warmup)
-        return 0.05 + 0.95 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
-
-    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: cosine_factor(step, steps, warmup, 0.05))
 
 
 def _random_shift(x: torch.Tensor, shift: int, g: torch.Generator) -> torch.Tensor:

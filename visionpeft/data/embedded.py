@@ -22,21 +22,17 @@ NUM_CLASSES = 5
 # the timm name and arguments that rebuild each embedded backbone: visionpeft.data.digits.BACKBONE_ARGS
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("VISIONPEFT_CACHE", default_cache_dir()))
-
-
 def embedded_backbone_file(kind: str = "vit") -> Path:
     """Path of the pretrained embedded backbone (pretrained and cached on first use, ~1 minute)."""
     from safetensors.torch import save_file
 
     if kind not in KINDS:
         raise ValueError(f"unknown embedded backbone {kind!r}; choose one of {', '.join(KINDS)}")
-    path = cache_dir() / f"digits-{kind}-backbone-v{_FORMAT}.safetensors"
+    path = default_cache_dir() / f"digits-{kind}-backbone-v{_FORMAT}.safetensors"
     if path.is_file():
         return path
     # one thread: on a small shared machine more threads are slower for this tiny model
-    model, acc = pretrain_backbone(kind, cache_dir=cache_dir(), threads=1, verbose=True)
+    model, acc = pretrain_backbone(kind, cache_dir=default_cache_dir(), threads=1, verbose=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     os.close(fd)
@@ -54,7 +50,7 @@ def ensure_digits_task(root: str | os.PathLike | None = None) -> Path:
     """
     from .vtab import SPLITS, make_vtab_task_from_arrays
 
-    root = Path(root) if root is not None else cache_dir() / "vtab-digits"
+    root = Path(root) if root is not None else default_cache_dir() / "vtab-digits"
     task_dir = root / TASK
     if all((task_dir / f"{s}.txt").is_file() for s in SPLITS):
         return root

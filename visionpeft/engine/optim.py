@@ -56,9 +56,10 @@ def cosine_factor(step: int, total: int, warmup: int, min_ratio: float = 0.0) ->
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
-def set_lr(optimizer: torch.optim.Optimizer, factor: float, min_lr: float = 0.0) -> None:
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Set every group's learning rate to its ``base_lr`` times ``factor``."""
     for g in optimizer.param_groups:
-        g["lr"] = max(min_lr, g["base_lr"] * factor) if factor < 1 else g["base_lr"] * factor
+        g["lr"] = g["base_lr"] * factor
 
 
 class EMA:

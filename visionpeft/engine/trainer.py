@@ -45,6 +45,33 @@ def seed_everything(seed: int) -> None:
         pass
 
 
+@torch.no_grad()
+def evaluation_sums(
+    model: nn.Module, loader: Any, device: torch.device, autocast: Any = contextlib.nullcontext
+) -> torch.Tensor:
+    """(correct, count, summed loss) of ``model`` in eval mode over ``loader``; reduce across ranks, then
+    :func:`summarize`."""
+    model.eval()
+    stats = torch.zeros(3, dtype=torch.float64)
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        with autocast():
+            logits = model(x)
+        stats[0] += (logits.argmax(-1) == y).sum().item()
+        stats[1] += y.numel()
+        stats[2] += F.cross_entropy(logits.float(), y, reduction="sum").item()
+    return stats
+
+
+def summarize(stats: torch.Tensor) -> dict[str, float]:
+    n = max(stats[1].item(), 1.0)
+    return {
+        "top1": 100.0 * stats[0].item() / n,
+        "eval_loss": stats[2].item() / n,
+        "eval_samples": int(stats[1].item()),
+    }
+
+
 class Trainer:
     """Train and evaluate one adapted model as described by an :class:`ExperimentConfig`.
 
@@ -261,29 +288,14 @@ class Trainer:
         except Exception:  # noqa: BLE001
             return "?"
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Top-1 accuracy (percent) and mean loss over the evaluation split, every sample counted once."""
         if self.ema:
             self.ema.swap(self.peft)
-        self.model.eval()
-        stats = torch.zeros(3, dtype=torch.float64)
-        for x, y in self.eval_loader:
-            x, y = x.to(self.device), y.to(self.device)
-            with self._autocast():
-                logits = self.peft(x)
-            stats[0] += (logits.argmax(-1) == y).sum().item()
-            stats[1] += y.numel()
-            stats[2] += F.cross_entropy(logits.float(), y, reduction="sum").item()
+        stats = evaluation_sums(self.peft, self.eval_loader, self.device, self._autocast)
         if self.ema:
             self.ema.swap(self.peft)
-        stats = all_reduce_sum(stats)
-        n = max(stats[1].item(), 1.0)
-        return {
-            "top1": 100.0 * stats[0].item() / n,
-            "eval_loss": stats[2].item() / n,
-            "eval_samples": int(stats[1].item()),
-        }
+        return summarize(all_reduce_sum(stats))
 
     def fit(self, max_epochs: int | None = None) -> dict[str, Any]:
         """Train until ``schedule.epochs`` (or ``max_epochs`` more epochs), evaluating and checkpointing."""
