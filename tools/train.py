@@ -42,7 +42,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    from visionpeft.engine.distributed import shutdown_distributed
+
+    ok = False
+    try:
+        code = run(parse_args(argv))
+        ok = code == 0
+        return code
+    finally:
+        shutdown_distributed(wait=ok)
+
+
+def run(args: argparse.Namespace) -> int:
     from visionpeft.engine.experiment import ConfigError, load_config
     from visionpeft.engine.trainer import NonFiniteLossError, Trainer
 

@@ -28,6 +28,15 @@ def init_distributed(device: str) -> tuple[int, int, int]:
     return rank, world, local
 
 
+def shutdown_distributed(wait: bool = True) -> None:
+    """Destroy the process group (a process that exits with a live gloo group can abort in its destructor);
+    ``wait`` first waits for every rank (only on success: after a one-rank failure the others never come)."""
+    if dist.is_available() and dist.is_initialized():
+        if wait:
+            dist.barrier()
+        dist.destroy_process_group()
+
+
 def world_info() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
