@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU in tests
-
 import dataclasses
+import os
 
 import pytest
 import timm
@@ -70,7 +67,7 @@ BACKBONES = {
 
 @dataclasses.dataclass
 class Row:
-    """One method setting of the test table; its traits come from the registered method class."""
+    """One method setting of the test table: a :class:`visionpeft.methods.Variant` of a registered method."""
 
     id: str
     method: str
@@ -86,25 +83,29 @@ class Row:
         return self.cls.config_cls.from_dict(opts)
 
 
-ROWS = [
-    Row("lora", "lora", {"rank": 4}),
-    Row("lora_qv", "lora", {"rank": 4, "qkv_slices": "qv", "alpha": 8}),
-    Row("dora", "dora", {"rank": 4}),
-    Row("adaptformer", "adaptformer", {"bottleneck": 8}),
-    Row("parallel_adapter", "parallel_adapter", {"bottleneck": 8, "scale": 2.0}),
-    Row("adapter_houlsby", "adapter", {"bottleneck": 8, "placement": "houlsby"}),
-    Row("adapter_pfeiffer", "adapter", {"bottleneck": 8, "placement": "pfeiffer"}),
-    Row("conv_adapter_block", "conv_adapter", {"level": "block", "mode": "parallel"}),
-    Row("conv_adapter_stage_seq", "conv_adapter", {"level": "stage", "mode": "sequential"}),
-    Row("conv_adapter_conv", "conv_adapter", {"level": "conv", "mode": "parallel", "bottleneck": 4}),
-    Row("vpt_shallow", "vpt", {"num_tokens": 3}),
-    Row("vpt_deep", "vpt", {"num_tokens": 3, "deep": True}),
-    Row("bitfit", "bitfit", {}),
-    Row("ssf", "ssf", {}),
-    Row("ln_tune", "ln_tune", {}),
-    Row("linear_probe", "linear_probe", {}),
-    Row("full", "full", {}),
-]
+def rows() -> list[Row]:
+    """Every variant of every registered method (the registry is the single source of the method table)."""
+    return [Row(v.id, m, dict(v.options)) for m in vp.list_methods() for v in vp.get_method(m).variants]
+
+
+ROWS = rows()
+
+
+def unsupported_reason(row: Row, backbone: str) -> str | None:
+    """What the method declares about this backbone (``None``: supported)."""
+    base = BACKBONES[backbone]()
+    return row.cls.unsupported_reason(base, vp.detect_backbone(base), row.config())
+
+
+def matrix(supported_only: bool = True) -> list:
+    """``pytest.param(row, backbone)`` for the method x backbone pairs the methods declare supported
+    (``supported_only=False``: the unsupported ones instead)."""
+    out = []
+    for r in ROWS:
+        for b in BACKBONES:
+            if (unsupported_reason(r, b) is None) == supported_only:
+                out.append(pytest.param(r, b, id=f"{r.id}-{b}"))
+    return out
 
 
 def seeded(fn, seed=0, **kw):
@@ -113,14 +114,13 @@ def seeded(fn, seed=0, **kw):
 
 
 def supported(row: Row, backbone: str, **extra):
-    """Build the base model and config, or skip from the method's declared capabilities."""
+    """Build the base model and config of a supported pair (``matrix()`` generates only those)."""
     base = seeded(BACKBONES[backbone])
     cfg = row.config(**extra)
     spec = vp.detect_backbone(base)
     assert spec.name == backbone
     reason = row.cls.unsupported_reason(base, spec, cfg)
-    if reason:
-        pytest.skip(reason)
+    assert reason is None, reason
     return base, cfg
 
 

@@ -6,11 +6,12 @@ import copy
 
 import pytest
 import torch
-from conftest import BACKBONES, ROWS, image, supported
+from conftest import BACKBONES, ROWS, image, matrix, seeded, supported
 
 import visionpeft as vp
 
-CASES = [pytest.param(r, b, id=f"{r.id}-{b}") for r in ROWS for b in BACKBONES]
+CASES = matrix()
+UNSUPPORTED = matrix(supported_only=False)
 
 
 def _hooks(model: torch.nn.Module) -> int:
@@ -29,11 +30,20 @@ def test_shapes_unchanged(row, backbone):
     assert not torch.allclose(out, ref), "a non-trivially initialised adapter must change the output"
 
 
-@pytest.mark.parametrize("row,backbone", CASES)
+@pytest.mark.parametrize("row,backbone", UNSUPPORTED)
+def test_unsupported_pair_raises_the_declared_reason(row, backbone):
+    base = seeded(BACKBONES[backbone])
+    reason = row.cls.unsupported_reason(base, vp.detect_backbone(base), row.config())
+    hooks = _hooks(base)
+    with pytest.raises(ValueError) as err:
+        vp.get_peft_model(base, row.config())
+    assert str(err.value) == reason
+    assert _hooks(base) == hooks and all(p.requires_grad for p in base.parameters())
+
+
+@pytest.mark.parametrize("row,backbone", [c for c in CASES if c.values[0].cls.identity_at_init])
 def test_identity_at_init(row, backbone):
     base, cfg = supported(row, backbone)
-    if not row.cls.identity_at_init:
-        pytest.skip(f"{row.method} does not promise identity at init")
     x = image()
     ref = base(x)
     pm = vp.get_peft_model(base, cfg)
@@ -162,58 +172,13 @@ def test_save_load_round_trip(row, backbone, tmp_path):
     assert all(not p.requires_grad for p in loaded.parameters())
 
 
-def _slices_out(name: str, module, cfg) -> list[int]:
-    if getattr(cfg, "qkv_slices", None) and isinstance(module, torch.nn.Linear) and name.endswith("qkv"):
-        return [module.out_features // 3] * len(cfg.qkv_slices)
-    return [module.weight.shape[0]]
-
-
 def expected_count(pm, row, cfg) -> int:
-    """Trainable-parameter formula of each method, from the dimensions of the adapted modules."""
-    from visionpeft.backbones import infer_features
-
-    modules = dict(pm.base_model.named_modules())
-    total = 0
-    for key, name in pm._targets["default"].items():
-        m = modules[name]
-        if key.startswith("modules_to_save-"):
-            total += sum(p.numel() for p in m.parameters())
-            continue
-        meth = row.method
-        if meth in ("lora", "dora"):
-            r = cfg.rank
-            outs = _slices_out(name, m, cfg)
-            if isinstance(m, torch.nn.Conv2d):
-                k = m.kernel_size[0] * m.kernel_size[1]
-                total += r * (m.in_channels * k + m.out_channels)
-            else:
-                total += len(outs) * r * m.in_features + r * sum(outs)
-            if meth == "dora":
-                total += m.weight.shape[0]
-        elif meth in ("adaptformer", "parallel_adapter"):
-            ci, co = infer_features(m)
-            b = cfg.bottleneck
-            total += ci * b + b + b * co + co
-        elif meth == "adapter":
-            c = infer_features(m)[1]
-            total += 2 * c * cfg.bottleneck + cfg.bottleneck + c
-        elif meth == "conv_adapter":
-            ci, co = infer_features(m)
-            if cfg.mode == "sequential":
-                ci = co
-            h = cfg.bottleneck or ci // cfg.reduction
-            total += ci * cfg.kernel_size**2 + h * ci + co * h + co
-        elif meth == "vpt":
-            layer = pm.peft_modules["default"][key]
-            total += cfg.num_tokens * pm.base_model.embed_dim if layer.mode is not None else 0
-        elif meth == "bitfit":
-            total += m.bias.numel()
-        elif meth in ("ssf", "ln_tune"):
-            total += 2 * m.bias.numel()
-    if row.cls.trains_base:
-        saved = tuple(n + "." for n in pm.spec.head(pm.base_model))
-        total += sum(p.numel() for n, p in pm.base_model.named_parameters() if not n.startswith(saved))
-    return total
+    """The method's declared formula at its sites, plus the saved head copies."""
+    base = pm.base_model
+    sites = row.cls.sites(base, pm.spec, cfg)
+    heads = [n for k, n in pm._targets["default"].items() if k.startswith("modules_to_save-")]
+    modules = dict(base.named_modules())
+    return row.cls.param_count(base, sites, cfg) + sum(p.numel() for h in heads for p in modules[h].parameters())
 
 
 @pytest.mark.parametrize("row,backbone", CASES)

@@ -1,7 +1,9 @@
-"""Registries for methods, backbone specs and heads.
+"""Registries for methods and backbone specs.
 
 A registry name appears only at the boundary of the library (``get_peft_model(model, "lora")``,
-``--set method=lora``); inside, objects are composed directly.
+``--set method=lora``); inside, objects are composed directly. The registries are filled by the
+packages' own imports (importing :mod:`visionpeft` imports ``methods`` and ``backbones``, whose modules
+call the ``register_*`` decorators), as timm fills its model registry; this module imports none of them.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from typing import Any
 
 _METHODS: dict[str, Any] = {}
 _BACKBONES: dict[str, Any] = {}
-_HEADS: dict[str, Any] = {}
 
 
 def _suggest(name: str, candidates: list[str]) -> str:
@@ -37,7 +38,6 @@ def register_method(name: str) -> Callable[[type], type]:
 
 def get_method(name: str) -> Any:
     """Return the method class registered under ``name``; the error lists the registered ones."""
-    _ensure_loaded()
     if name not in _METHODS:
         raise KeyError(f"unknown PEFT method {name!r}.{_suggest(name, list(_METHODS))}")
     return _METHODS[name]
@@ -45,7 +45,6 @@ def get_method(name: str) -> Any:
 
 def list_methods() -> list[str]:
     """Names of every registered method, sorted."""
-    _ensure_loaded()
     return sorted(_METHODS)
 
 
@@ -56,7 +55,7 @@ def register_backbone(spec: Any) -> Any:
 
 
 def get_backbone(name: str) -> Any:
-    _ensure_loaded()
+    """Return the backbone spec registered under ``name``."""
     if name not in _BACKBONES:
         raise KeyError(f"unknown backbone spec {name!r}.{_suggest(name, list(_BACKBONES))}")
     return _BACKBONES[name]
@@ -64,23 +63,9 @@ def get_backbone(name: str) -> Any:
 
 def list_backbones() -> list[str]:
     """Names of every registered backbone spec, in matching order (``generic`` last)."""
-    _ensure_loaded()
     return [n for n in _BACKBONES if n != "generic"] + (["generic"] if "generic" in _BACKBONES else [])
 
 
-def register_head(name: str) -> Callable[[type], type]:
-    def deco(cls: type) -> type:
-        _HEADS[name] = cls
-        return cls
-
-    return deco
-
-
-def list_heads() -> list[str]:
-    _ensure_loaded()
-    return sorted(_HEADS)
-
-
-def _ensure_loaded() -> None:
-    # importing the subpackages runs their register_* decorators
-    from . import backbones, methods  # noqa: F401
+def unregister_method(name: str) -> None:
+    """Remove a registered method (for methods defined at run time, e.g. in tests)."""
+    _METHODS.pop(name, None)

@@ -41,10 +41,31 @@ class MethodConfig:
             if isinstance(self.layers, int):
                 self.layers = [self.layers]
             self.layers = [int(i) for i in self.layers]
+        self._check_shared()
         self.validate()
 
+    # hyper-parameters that several methods share, checked once here for every method that has them
+    _POSITIVE: ClassVar[tuple[str, ...]] = ("rank", "bottleneck", "num_tokens", "reduction", "kernel_size", "alpha")
+    _UNIT: ClassVar[tuple[str, ...]] = ("dropout",)
+
+    def _check_shared(self) -> None:
+        for name in self._POSITIVE:
+            value = getattr(self, name, None)
+            if value is not None:
+                self._positive(**{name: value})
+        for name in self._UNIT:
+            if hasattr(self, name):
+                value = getattr(self, name)
+                if not 0.0 <= value < 1.0:
+                    raise ValueError(f"{type(self).__name__}.{name} must lie in [0, 1), got {value!r}")
+
     def validate(self) -> None:
-        """Raise ``ValueError`` for out-of-range hyper-parameters (subclasses extend it)."""
+        """Raise ``ValueError`` for out-of-range method-specific hyper-parameters (shared ones such as
+        ``rank``, ``bottleneck`` and ``dropout`` are checked for every method before)."""
+
+    def _one_of(self, name: str, value: object, choices: tuple) -> None:
+        if value not in choices:
+            raise ValueError(f"{type(self).__name__}.{name} must be one of {list(choices)}, got {value!r}")
 
     def _positive(self, **values: float) -> None:
         for key, value in values.items():

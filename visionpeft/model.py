@@ -141,11 +141,7 @@ class PeftVisionModel(nn.Module):
                         layer.to(dtype=ref.dtype)
                 group[key] = layer
                 targets[key] = module_name
-                target = modules[module_name]
-                if layer.uses_before:
-                    handles.append(target.register_forward_pre_hook(layer._pre_hook, with_kwargs=True))
-                if layer.uses_after:
-                    handles.append(target.register_forward_hook(layer._post_hook, with_kwargs=True))
+                handles += layer.attach(modules[module_name])
         self.peft_modules[name] = group
         self.peft_config[name] = config
         self._targets[name] = targets
@@ -290,6 +286,19 @@ class PeftVisionModel(nn.Module):
         line = f"trainable: {t / 1e6:.2f}M / {n / 1e6:.1f}M ({100.0 * t / max(n, 1):.2f}%)"
         print(line)
         return line
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of trainable parameters that take no weight decay (timm's convention): what each adapter
+        layer declares, plus what the base model declares for its own parameters (full fine-tuning)."""
+        out = set()
+        for adapter, group in self.peft_modules.items():
+            for key, layer in group.items():
+                for n in layer.no_weight_decay():
+                    out.add(f"peft_modules.{adapter}.{key}.{n}")
+        base = getattr(self.base_model, "no_weight_decay", None)
+        if callable(base):
+            out |= {f"base_model.{n}" for n in base()}
+        return out
 
     def adapter_state_dict(self, name: str | None = None) -> dict[str, torch.Tensor]:
         """The tensors that :meth:`save_adapter` writes for adapter ``name`` (default: active)."""

@@ -18,6 +18,23 @@ import torch.nn as nn
 LAYOUTS = ("NLC", "NHWC", "NCHW")
 
 
+@dataclasses.dataclass(frozen=True)
+class Tap:
+    """Two points inside a block, named relative to the block.
+
+    Args:
+        source: child module whose input (``read="in"``) or output (``read="out"``) is the adapter's input.
+        read: ``"in"`` or ``"out"``.
+        sink: child module whose output receives the adapter's contribution.
+        layout: layout of the source tensor (``NLC`` / ``NHWC``: channels last; ``NCHW``).
+    """
+
+    source: str
+    read: str
+    sink: str
+    layout: str = "NLC"
+
+
 @dataclasses.dataclass
 class BackboneSpec:
     """Description of one backbone family.
@@ -32,6 +49,12 @@ class BackboneSpec:
         num_prefix_tokens: function returning the number of class / register tokens, or ``None``
             when the blocks do not see a flat token sequence (VPT is then unsupported).
         patch_size: function returning the patch size (VPT's prompt initialisation uses it).
+        taps: branch name (``attn``, ``mlp``, ``mlp_residual``) -> :class:`Tap`: where, inside one block, a
+            residual branch's unscaled output (or the residual stream entering it) can be read, and the
+            module after LayerScale and DropPath whose output receives an adapter's contribution.
+        conv_tap: function ``block -> Tap`` locating a conv block's spatial (k x k) convolution: the
+            tensor entering it and the module whose output follows it (Conv-Adapter's ``conv`` level).
+        act_layer: the backbone's own activation (adapters on it default to the same kind).
     """
 
     name: str
@@ -42,6 +65,9 @@ class BackboneSpec:
     head: Callable[[nn.Module], list[str]]
     num_prefix_tokens: Callable[[nn.Module], int] | None = None
     patch_size: Callable[[nn.Module], int] | None = None
+    taps: dict[str, Tap] = dataclasses.field(default_factory=dict)
+    conv_tap: Callable[[nn.Module], Tap] | None = None
+    act_layer: type[nn.Module] = nn.GELU
 
     def has_role(self, role: str) -> bool:
         return role in self.roles
@@ -89,7 +115,7 @@ def block_index(name: str, blocks: list[str]) -> int | None:
     return best
 
 
-def _pattern_matches(pattern: str, name: str) -> bool:
+def pattern_matches(pattern: str, name: str) -> bool:
     if name == pattern or name.endswith("." + pattern):
         return True
     try:
@@ -125,7 +151,7 @@ def resolve_targets(
             hits = [n for n in names if pattern.fullmatch(n)]
             role: str | None = target
         else:
-            hits = [n for n in names if _pattern_matches(target, n)]
+            hits = [n for n in names if pattern_matches(target, n)]
             role = None
         for n in hits:
             found.setdefault(n, role)
@@ -133,7 +159,7 @@ def resolve_targets(
     for n in names:  # model order
         if n not in found:
             continue
-        if exclude and any(_pattern_matches(e, n) for e in exclude):
+        if exclude and any(pattern_matches(e, n) for e in exclude):
             continue
         if layers is not None:
             idx = block_index(n, blocks)
@@ -186,3 +212,22 @@ def infer_features(module: nn.Module) -> tuple[int, int]:
     main = [m for n, m in module.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d)) and "downsample" not in n]
     last = main[-1] if main else inner[-1]
     return c_in, infer_features(last)[1]
+
+
+def _pair(v: int | tuple[int, ...]) -> int:
+    return int(v[0] if isinstance(v, (tuple, list)) else v)
+
+
+def spatial_stride(module: nn.Module) -> int:
+    """Spatial down-sampling factor of a conv / pool module, or of a block or stage holding one.
+
+    A residual block or stage of the supported families down-samples at one point at most (ResNet's
+    strided conv and its shortcut run in parallel, ConvNeXt's stage stem runs before its blocks), so the
+    largest stride of any convolution or pooling inside it is the module's stride.
+    """
+    strides = [
+        _pair(m.stride)
+        for m in module.modules()
+        if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)) and m.stride is not None
+    ]
+    return max(strides, default=1)

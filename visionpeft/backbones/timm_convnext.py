@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .._registry import register_backbone
-from ._spec import BackboneSpec, classifier_at
+from ._spec import BackboneSpec, Tap, classifier_at
 
 
 def _is_convnext(model: nn.Module) -> bool:
@@ -37,5 +37,9 @@ TIMM_CONVNEXT = register_backbone(
         layouts={"stage": "NCHW", "block": "NCHW", "conv_dw": "NCHW", "mlp": "NHWC"},
         default_layout="NCHW",
         head=classifier_at("head.fc"),
+        # the MLP's output is unscaled (LayerScale is the block's ``gamma`` parameter, applied after it)
+        taps={"mlp": Tap("mlp", "out", "drop_path", "NHWC")},
+        conv_tap=lambda block: Tap("conv_dw", "in", "conv_dw", "NCHW"),
+        act_layer=nn.GELU,
     )
 )

@@ -5,13 +5,21 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .._registry import register_backbone
-from ._spec import BackboneSpec, classifier_at
+from ._spec import BackboneSpec, Tap, classifier_at
 
 
 def _is_resnet(model: nn.Module) -> bool:
     from timm.models.resnet import ResNet
 
     return isinstance(model, ResNet)
+
+
+def _conv_tap(block: nn.Module) -> Tap:
+    """Bottleneck: around the 3x3 ``conv2``, summed after ``bn2`` + ReLU (Chen et al. 2022, ResNet-50);
+    BasicBlock: beside the first (strided) 3x3 ``conv1``, summed with its output."""
+    if hasattr(block, "conv3"):
+        return Tap("conv2", "in", "act2", "NCHW")
+    return Tap("conv1", "in", "conv1", "NCHW")
 
 
 _B = r"layer\d\.\d+"
@@ -31,5 +39,7 @@ TIMM_RESNET = register_backbone(
         layouts={"stage": "NCHW", "block": "NCHW", "conv": "NCHW", "conv_mid": "NCHW"},
         default_layout="NCHW",
         head=classifier_at("fc"),
+        conv_tap=_conv_tap,
+        act_layer=nn.ReLU,
     )
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .._registry import register_backbone
-from ._spec import BackboneSpec, classifier_at
+from ._spec import BackboneSpec, Tap, classifier_at
 
 
 def _is_swin(model: nn.Module) -> bool:
@@ -38,5 +38,11 @@ TIMM_SWIN = register_backbone(
         head=classifier_at("head.fc"),
         num_prefix_tokens=None,
         patch_size=lambda m: int(m.patch_embed.patch_size[0]),
+        # no LayerScale; DropPath sees the window-reversed attention output (B, H, W, C) and the MLP's (B, L, C)
+        taps={
+            "attn": Tap("drop_path1", "in", "drop_path1", "NHWC"),
+            "mlp": Tap("drop_path2", "in", "drop_path2", "NLC"),
+            "mlp_residual": Tap("norm2", "in", "drop_path2", "NLC"),
+        },
     )
 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn as nn
 
 from .._registry import register_backbone
-from ._spec import BackboneSpec, classifier_at
+from ._spec import BackboneSpec, Tap, classifier_at
 
 
 def _vit_like(prefix: str = r"blocks\.\d+") -> dict[str, str]:
@@ -21,6 +21,14 @@ def _vit_like(prefix: str = r"blocks\.\d+") -> dict[str, str]:
         "patch_embed": r"patch_embed\.proj",
         "final_norm": r"norm|fc_norm",
     }
+
+
+# LayerScale's input is the branch's unscaled output; DropPath's output is where the branch joins the stream
+_VIT_TAPS = {
+    "attn": Tap("ls1", "in", "drop_path1"),
+    "mlp": Tap("ls2", "in", "drop_path2"),
+    "mlp_residual": Tap("norm2", "in", "drop_path2"),
+}
 
 
 def _is_identity(m: nn.Module | None) -> bool:
@@ -62,6 +70,7 @@ TIMM_VIT = register_backbone(
         head=_vit_heads,
         num_prefix_tokens=lambda m: int(getattr(m, "num_prefix_tokens", 1)),
         patch_size=_patch,
+        taps=_VIT_TAPS,
     )
 )
 
@@ -75,5 +84,6 @@ TIMM_SAMVIT = register_backbone(
         head=classifier_at("head.fc"),
         num_prefix_tokens=None,  # blocks see (B, H, W, C) maps, windowed attention
         patch_size=_patch,
+        taps={k: Tap(t.source, t.read, t.sink, "NHWC") for k, t in _VIT_TAPS.items()},
     )
 )

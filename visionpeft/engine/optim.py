@@ -7,33 +7,22 @@ import math
 import torch
 import torch.nn as nn
 
-_NO_DECAY_MARKERS = (
-    "bias",
-    "norm",
-    "prompt",
-    "ssf_",
-    "bitfit",
-    "ln_weight",
-    "ln_bias",
-    "magnitude",
-    "pos_embed",
-    "cls_token",
-    "reg_token",
-)
-
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr: float | None = None) -> list[dict]:
     """Trainable parameters in up to four groups: (head | body) x (decay | no decay).
 
-    No weight decay on 1-d tensors (norms, biases, scales), prompts and position / class tokens. Head
-    parameters (the ``modules_to_save`` copies) get ``head_lr`` when it is given.
+    No weight decay on 1-d tensors (norms, biases, scales) and on what the model declares through timm's
+    ``no_weight_decay()`` convention (prompts, position / class tokens). Head parameters (the
+    ``modules_to_save`` copies) get ``head_lr`` when it is given.
     """
+    declared = getattr(model, "no_weight_decay", None)
+    skip = set(declared()) if callable(declared) else set()
     groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         head = "modules_to_save-" in name
-        no_decay = p.ndim <= 1 or any(m in name for m in _NO_DECAY_MARKERS)
+        no_decay = p.ndim <= 1 or name in skip
         groups.setdefault((head, no_decay), []).append(p)
     out = []
     for (head, no_decay), params in sorted(groups.items()):

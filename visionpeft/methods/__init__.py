@@ -1,6 +1,15 @@
-"""PEFT methods; importing this package registers them. One file per method."""
+"""PEFT methods, one file per method; importing this package imports every module in it, which
+registers the methods (a new method is a new file here and nothing else)."""
 
-from . import adapter, adaptformer, baselines, bitfit, conv_adapter, dora, ln_tune, lora, parallel_adapter, ssf, vpt  # noqa: F401
-from ._base import AdapterLayer, Method
+from __future__ import annotations
 
-__all__ = ["AdapterLayer", "Method"]
+import importlib
+import pkgutil
+
+from ._base import AdapterLayer, Method, Site, Variant
+
+for _info in pkgutil.iter_modules(__path__):
+    if not _info.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_info.name}")
+
+__all__ = ["AdapterLayer", "Method", "Site", "Variant"]

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import torch
 import torch.nn as nn
+
+from ..backbones._spec import BackboneSpec, resolve_targets
+from ..config import MethodConfig
+from ._base import Site
 
 
 def channels_and_dim(module: nn.Module) -> tuple[int, int]:
@@ -22,13 +27,18 @@ def channels_and_dim(module: nn.Module) -> tuple[int, int]:
     raise TypeError(f"no channel axis known for {type(module).__name__}")
 
 
-def affine_site(module: nn.Module) -> bool:
-    """Modules whose output is ``weight * (...) + bias`` channel-wise, with a bias to fold into."""
+def has_channels(module: nn.Module) -> bool:
+    """Modules whose output is ``weight * (...) [+ bias]`` channel-wise (bias optional)."""
     try:
         channels_and_dim(module)
     except TypeError:
         return False
-    return getattr(module, "bias", None) is not None and getattr(module, "weight", None) is not None
+    return getattr(module, "weight", None) is not None
+
+
+def affine_site(module: nn.Module) -> bool:
+    """Modules whose output is ``weight * (...) + bias`` channel-wise, with a bias to fold into."""
+    return has_channels(module) and getattr(module, "bias", None) is not None
 
 
 def view_channels(v: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
@@ -45,9 +55,10 @@ def scale_rows_(weight: torch.Tensor, gamma: torch.Tensor) -> None:
     weight.mul_(gamma.view(-1, *([1] * (weight.dim() - 1))).to(weight.dtype))
 
 
-def non_head_sites(model: nn.Module, spec, cfg, what: str, accept=affine_site):
-    """Every affine-capable module of the backbone except the classification head(s)."""
-    from ..backbones._spec import resolve_targets
+def non_head_sites(
+    model: nn.Module, spec: BackboneSpec, cfg: MethodConfig, what: str, accept: Callable[[nn.Module], bool] = affine_site
+) -> list[Site]:
+    """Every module of the backbone that ``accept`` takes, except the classification head(s), as sites."""
 
     heads = spec.head(model)
     saved = cfg.modules_to_save if cfg.modules_to_save is not None else heads
@@ -58,4 +69,6 @@ def non_head_sites(model: nn.Module, spec, cfg, what: str, accept=affine_site):
         return accept(m)
 
     targets = cfg.targets if cfg.targets is not None else [".*"]
-    return resolve_targets(model, spec, targets, cfg.exclude, cfg.layers, accept=ok, what=f"{what} targets")
+    modules = dict(model.named_modules())
+    found = resolve_targets(model, spec, targets, cfg.exclude, cfg.layers, accept=ok, what=f"{what} targets")
+    return [Site(n, modules[n], role, spec.layout_of(role, modules[n]), spec) for n, role in found]

@@ -1,33 +1,77 @@
-"""Shared adapter bookkeeping and the merge contract.
+"""Shared adapter bookkeeping: sites, layers, the method table and the merge contract.
 
-An :class:`AdapterLayer` is the trainable piece attached at one *site* (one named module of the base
-model). It reacts through module hooks: :meth:`AdapterLayer.before` runs as a forward pre-hook and may
-replace the module's inputs, :meth:`AdapterLayer.after` runs as a forward hook and may replace its
-output. The wrapper owns the hooks; a layer only says what it does when it is active and unmerged.
+A :class:`Method` is one row of the method table. It declares its config class, its traits
+(``mergeable``, ``identity_at_init``, ``trains_base``), the roles it targets by default, the module types
+it accepts, its :class:`Variant` settings (test rows, learning recipes, benchmark entries and experiment
+configs are all generated from them) and its parameter-count formula. The base class resolves the
+config's ``targets`` / ``exclude`` / ``layers`` into :class:`Site` objects, so a method's own code only
+turns one site into one :class:`AdapterLayer`.
 
-Merge contract: a layer with ``mergeable = True`` implements :meth:`merge` (fold its effect into the
-target module's parameters, in place) and :meth:`unmerge` (take it out again). While merged its hooks
-do nothing, so merged, unmerged and ``merge_and_unload()`` outputs agree up to rounding.
+An :class:`AdapterLayer` is the trainable piece attached at one site. It reacts through module hooks:
+:meth:`AdapterLayer.before` runs as a forward pre-hook and may replace the module's inputs,
+:meth:`AdapterLayer.after` runs as a forward hook and may replace its output; :meth:`AdapterLayer.attach`
+registers them (layers that read one module and write another override it). Parameter names carry the
+method prefix (``lora_A``, ``adaptformer_down``, ``ln_tune_weight``).
+
+Merge contract: a method with ``mergeable = True`` has layers implementing :meth:`AdapterLayer.merge`
+(fold the effect into the target module's parameters, in place) and :meth:`AdapterLayer.unmerge`. While
+merged its hooks do nothing, so merged, unmerged and ``merge_and_unload()`` outputs agree up to rounding.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from typing import Any, ClassVar
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from ..backbones._spec import BackboneSpec
+from ..backbones._spec import BackboneSpec, resolve_targets
 from ..config import MethodConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """One resolved target of a method.
+
+    Args:
+        name: module name in the base model. module: the module. role: the spec role it matched
+        (``None`` for a module-name pattern). layout: layout of the tensors entering and leaving it.
+        spec: the backbone spec.
+    """
+
+    name: str
+    module: nn.Module = dataclasses.field(repr=False)
+    role: str | None
+    layout: str
+    spec: BackboneSpec = dataclasses.field(repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """A named setting of a method, from which the tests, tools and configs are generated.
+
+    Args:
+        id: unique name (``lora_qv``). options: config options on the tiny test and digits backbones.
+        lr: AdamW learning rate that adapts the embedded digits backbone with these options.
+        backbone: the embedded digits backbone it learns on (``vit`` or ``resnet``).
+        paper: options at full scale (VTAB-1k configs, benchmark); ``None``: not generated there.
+        stem: config file-name stem for ``paper`` (``lora-r8-qv``).
+    """
+
+    id: str
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    lr: float = 1e-2
+    backbone: str = "vit"
+    paper: dict[str, Any] | None = None
+    stem: str | None = None
 
 
 class AdapterLayer(nn.Module):
     """Base class of every adapter layer (one adapter at one site)."""
 
-    mergeable: ClassVar[bool] = False
     uses_before: ClassVar[bool] = False
     uses_after: ClassVar[bool] = True
 
@@ -37,7 +81,21 @@ class AdapterLayer(nn.Module):
         self.active = False
         self.merged = False
 
-    # hook entry points (called by the wrapper's hooks) -----------------------------------------
+    def attach(self, target: nn.Module) -> list[Any]:
+        """Register this layer's hooks on ``target`` (the site module); returns the handles."""
+        handles = []
+        if self.uses_before:
+            handles.append(target.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+        if self.uses_after:
+            handles.append(target.register_forward_hook(self._post_hook, with_kwargs=True))
+        return handles
+
+    def no_weight_decay(self) -> set[str]:
+        """Names of this layer's parameters that take no weight decay (timm's convention); 1-d tensors
+        (biases, scales, norms) never take any, whatever this returns."""
+        return set()
+
+    # hook entry points ---------------------------------------------------------------------------
     def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         if not self.active or self.merged:
             return None
@@ -56,10 +114,10 @@ class AdapterLayer(nn.Module):
         return None
 
     def merge(self, target: nn.Module) -> None:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged")
 
     def unmerge(self, target: nn.Module) -> None:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged")
 
 
 class ModulesToSave(AdapterLayer):
@@ -69,8 +127,6 @@ class ModulesToSave(AdapterLayer):
     touched: disabling the adapter gives the original output back. Merging copies the trained weights
     into the base module (the original values are kept to unmerge).
     """
-
-    mergeable = True
 
     def __init__(self, target: nn.Module, init_weights: bool = True) -> None:
         super().__init__()
@@ -82,7 +138,7 @@ class ModulesToSave(AdapterLayer):
                     p.add_(torch.randn_like(p) * 0.05)
         self._saved: dict[str, torch.Tensor] | None = None
 
-    def after(self, module, args, kwargs, output):
+    def after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         return self.module(*args, **kwargs)
 
     @torch.no_grad()
@@ -120,12 +176,12 @@ def copy_without_hooks(module: nn.Module) -> nn.Module:
 
 
 class Method:
-    """A PEFT method: its config class, its traits, and how it builds layers for a model.
+    """A PEFT method: its config class, its traits, its variants and how it builds layers for a model.
 
     Traits (class attributes) let the tests and tools reason about methods without hand-kept lists:
     ``mergeable``; ``identity_at_init`` (output equals the base model's with the paper's init);
-    ``trains_base`` (updates base parameters in place: full fine-tuning); ``needs`` (spec features
-    the method requires).
+    ``trains_base`` (updates base parameters in place: full fine-tuning); ``accepts`` (module types a
+    site must be; ``None``: any); ``variants`` (named settings, see :class:`Variant`).
     """
 
     name: ClassVar[str] = ""
@@ -135,11 +191,16 @@ class Method:
     identity_at_init: ClassVar[bool] = True
     trains_base: ClassVar[bool] = False
     default_roles: ClassVar[tuple[tuple[str, ...], ...]] = ()
+    accepts: ClassVar[tuple[type[nn.Module], ...] | None] = None
+    variants: ClassVar[tuple[Variant, ...]] = ()
+    renamed_keys: ClassVar[dict[str, str]] = {}
+    """Parameter-name suffixes of adapter files of format 1 -> their names now (see :meth:`upgrade_v1`)."""
 
+    # capabilities and targets ------------------------------------------------------------------------
     @classmethod
-    def unsupported_reason(cls, model: nn.Module, spec: BackboneSpec, cfg: MethodConfig) -> str | None:
+    def unsupported_reason(cls, model: nn.Module | None, spec: BackboneSpec, cfg: MethodConfig) -> str | None:
         """Why the method cannot run on this backbone (``None`` when it can)."""
-        if cfg.targets is None and cls.default_roles and cls.default_targets(spec) is None:
+        if cfg.targets is None and cls.default_roles and cls.default_targets(spec, cfg) is None:
             wanted = " or ".join("+".join(r) for r in cls.default_roles)
             return (
                 f"{cls.name} needs the role(s) {wanted}, which the {spec.name} spec does not define; "
@@ -148,7 +209,7 @@ class Method:
         return None
 
     @classmethod
-    def default_targets(cls, spec: BackboneSpec) -> list[str] | None:
+    def default_targets(cls, spec: BackboneSpec, cfg: MethodConfig) -> list[str] | None:
         """The first group of default roles that the spec defines, or ``None``."""
         for group in cls.default_roles:
             if all(spec.has_role(r) for r in group):
@@ -159,16 +220,68 @@ class Method:
     def targets_for(cls, spec: BackboneSpec, cfg: MethodConfig) -> list[str]:
         if cfg.targets is not None:
             return list(cfg.targets)
-        t = cls.default_targets(spec)
+        t = cls.default_targets(spec, cfg)
         if t is None:
-            reason = cls.unsupported_reason(None, spec, cfg)  # type: ignore[arg-type]
-            raise ValueError(reason or f"{cls.name}: no default targets on {spec.name}")
+            raise ValueError(cls.unsupported_reason(None, spec, cfg) or f"{cls.name}: no default targets on {spec.name}")
         return t
 
     @classmethod
+    def accept(cls, name: str, module: nn.Module, cfg: MethodConfig) -> bool:
+        """Whether a matched module can be a site (default: its type is in ``accepts``)."""
+        return cls.accepts is None or isinstance(module, cls.accepts)
+
+    @classmethod
+    def sites(cls, model: nn.Module, spec: BackboneSpec, cfg: MethodConfig) -> list[Site]:
+        """Resolve ``targets`` / ``exclude`` / ``layers`` to sites, in model order."""
+        modules = dict(model.named_modules())
+        found = resolve_targets(
+            model,
+            spec,
+            cls.targets_for(spec, cfg),
+            cfg.exclude,
+            cfg.layers,
+            accept=lambda n, m: cls.accept(n, m, cfg),
+            what=f"{cls.name} targets",
+        )
+        return [Site(n, modules[n], role, spec.layout_of(role, modules[n]), spec) for n, role in found]
+
+    # building ---------------------------------------------------------------------------------------
+    @classmethod
     def build(cls, model: nn.Module, spec: BackboneSpec, cfg: MethodConfig) -> list[tuple[str, AdapterLayer]]:
-        """Return ``(module_name, layer)`` pairs; must not modify ``model``."""
-        raise NotImplementedError
+        """``(module_name, layer)`` pairs, one per site; must not modify ``model``."""
+        return [(s.name, cls.make_layer(s, cfg)) for s in cls.sites(model, spec, cfg)]
+
+    @classmethod
+    def make_layer(cls, site: Site, cfg: MethodConfig) -> AdapterLayer:
+        """The adapter layer of one site."""
+        raise NotImplementedError(f"{cls.name} does not implement make_layer")
+
+    @classmethod
+    def param_count(cls, model: nn.Module, sites: list[Site], cfg: MethodConfig) -> int:
+        """Trainable parameters of the adapter at these sites by the paper's formula, the head excluded
+        (the tests compare it with the built model). Default: the sum of :meth:`site_params`."""
+        return sum(cls.site_params(s, cfg) for s in sites)
+
+    @classmethod
+    def site_params(cls, site: Site, cfg: MethodConfig) -> int:
+        """Trainable parameters of one site's layer by the paper's formula."""
+        raise NotImplementedError(f"{cls.name} does not declare its parameter-count formula")
+
+    @classmethod
+    def upgrade_v1(cls, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> tuple[dict, dict]:
+        """Convert the config and tensors of an adapter file of format 1 (visionpeft 0.1) to today's.
+
+        The default renames parameter suffixes by :attr:`renamed_keys`; a method whose format-1 files
+        computed something else overrides this (and raises ``ValueError`` when no conversion exists).
+        """
+        out = {}
+        for key, value in tensors.items():
+            for old, new in cls.renamed_keys.items():
+                if key.endswith(old):
+                    key = key[: -len(old)] + new
+                    break
+            out[key] = value
+        return config, out
 
     @classmethod
     def base_parameters_to_train(cls, model: nn.Module, cfg: MethodConfig) -> list[str]:
@@ -176,7 +289,7 @@ class Method:
         return []
 
 
-# building blocks shared by several methods -------------------------------------------------------
+# initialisation helpers shared by several methods -------------------------------------------------
 
 
 def lora_init_(weight: torch.Tensor) -> None:
@@ -189,61 +302,18 @@ def random_init_(t: torch.Tensor, std: float = 0.02) -> None:
     nn.init.normal_(t, std=std)
 
 
-def channel_dim(layout: str) -> int:
-    return 1 if layout == "NCHW" else -1
-
-
-class Bottleneck(nn.Module):
-    """Down-projection, activation, up-projection on the channel axis of any layout.
-
-    Args:
-        c_in: input channels. c_out: output channels. bottleneck: hidden width.
-        layout: ``NLC`` / ``NHWC`` (channels last, Linear) or ``NCHW`` (1x1 convs).
-        act: activation module. dropout: dropout on the hidden features.
-        init_weights: ``True``: down Kaiming-uniform, up and biases zero (identity at init);
-            ``False``: everything random.
-    """
-
-    def __init__(
-        self,
-        c_in: int,
-        c_out: int,
-        bottleneck: int,
-        layout: str,
-        act: nn.Module | None = None,
-        dropout: float = 0.0,
-        init_weights: bool = True,
-    ) -> None:
-        super().__init__()
-        self.layout = layout
-        self.down = nn.Linear(c_in, bottleneck)
-        self.act = act if act is not None else nn.ReLU()
-        self.dropout = nn.Dropout(dropout)
-        self.up = nn.Linear(bottleneck, c_out)
-        with torch.no_grad():
-            lora_init_(self.down.weight)
-            self.down.bias.zero_()
-            if init_weights:
-                self.up.weight.zero_()
-                self.up.bias.zero_()
-            else:
-                random_init_(self.up.weight, 0.1)
-                random_init_(self.up.bias, 0.1)
-                random_init_(self.down.bias, 0.1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., C_in) -> (..., C_out) for channels-last layouts; (B, C_in, H, W) -> (B, C_out, H, W) for NCHW."""
-        if self.layout == "NCHW":
-            h = F.conv2d(x, self.down.weight[:, :, None, None], self.down.bias)
-            h = self.dropout(self.act(h))
-            return F.conv2d(h, self.up.weight[:, :, None, None], self.up.bias)
-        return self.up(self.dropout(self.act(self.down(x))))
-
-
 def first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The first tensor among a hook's positional then keyword arguments."""
     if args:
         return args[0]
     for v in kwargs.values():
         if isinstance(v, torch.Tensor):
             return v
     raise ValueError("adapter site received no tensor input")
+
+
+def register(layer: nn.Module, name: str, value: torch.Tensor) -> nn.Parameter:
+    """Register ``value`` as parameter ``name`` of ``layer`` and return it."""
+    p = nn.Parameter(value)
+    layer.register_parameter(name, p)
+    return p

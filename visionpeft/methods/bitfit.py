@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import dataclasses
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 
 from .._registry import register_method
 from ..config import MethodConfig
 from ._affine import channels_and_dim, non_head_sites, view_channels
-from ._base import AdapterLayer, Method, random_init_
+from ._base import AdapterLayer, Method, Site, Variant, random_init_
 
 
 @dataclasses.dataclass
@@ -28,9 +30,7 @@ class BitFitConfig(MethodConfig):
 
 
 class BiasLayer(AdapterLayer):
-    mergeable = True
-
-    def __init__(self, target: nn.Module, init_weights: bool):
+    def __init__(self, target: nn.Module, init_weights: bool) -> None:
         super().__init__()
         c, self.dim = channels_and_dim(target)
         self.bitfit_bias = nn.Parameter(torch.zeros(c, dtype=target.bias.dtype))
@@ -38,15 +38,15 @@ class BiasLayer(AdapterLayer):
             with torch.no_grad():
                 random_init_(self.bitfit_bias, 0.1)
 
-    def after(self, module, args, kwargs, output):
+    def after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         return output + view_channels(self.bitfit_bias, self.dim, output.dim()).to(output.dtype)
 
     @torch.no_grad()
-    def merge(self, target):
+    def merge(self, target: nn.Module) -> None:
         target.bias.add_(self.bitfit_bias.to(target.bias.dtype))
 
     @torch.no_grad()
-    def unmerge(self, target):
+    def unmerge(self, target: nn.Module) -> None:
         target.bias.sub_(self.bitfit_bias.to(target.bias.dtype))
 
 
@@ -55,8 +55,17 @@ class BitFit(Method):
     config_cls = BitFitConfig
     paper = "BitFit (arXiv:2106.10199)"
     mergeable = True
+    variants = (Variant("bitfit", {}, lr=3e-2, paper={}),)
 
     @classmethod
-    def build(cls, model, spec, cfg):
-        modules = dict(model.named_modules())
-        return [(n, BiasLayer(modules[n], cfg.init_weights)) for n, _ in non_head_sites(model, spec, cfg, "bitfit")]
+    def sites(cls, model: nn.Module, spec: Any, cfg: BitFitConfig) -> list[Site]:
+        return non_head_sites(model, spec, cfg, "bitfit")
+
+    @classmethod
+    def make_layer(cls, site: Site, cfg: BitFitConfig) -> AdapterLayer:
+        return BiasLayer(site.module, cfg.init_weights)
+
+    @classmethod
+    def site_params(cls, site: Site, cfg: BitFitConfig) -> int:
+        """One bias per output channel of every biased module."""
+        return site.module.bias.numel()

@@ -15,15 +15,16 @@ Initialisation (paper): A Kaiming-uniform, B zero, so the model is unchanged at 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .._registry import register_method
-from ..backbones._spec import BackboneSpec, resolve_targets
+from ..backbones._spec import BackboneSpec
 from ..config import MethodConfig
-from ._base import AdapterLayer, Method, first_tensor, lora_init_, random_init_
+from ._base import AdapterLayer, Method, Site, Variant, first_tensor, lora_init_, random_init_, register
 
 _QKV = {"q": 0, "k": 1, "v": 2}
 
@@ -45,10 +46,6 @@ class LoRAConfig(MethodConfig):
     qkv_slices: str | None = None
 
     def validate(self) -> None:
-        self._positive(rank=self.rank)
-        if self.alpha is not None:
-            self._positive(alpha=self.alpha)
-        self._in_range("dropout", self.dropout, 0.0, 1.0)
         if self.qkv_slices is not None:
             s = self.qkv_slices.lower()
             if not s or any(c not in _QKV for c in s) or len(set(s)) != len(s):
@@ -62,18 +59,19 @@ class LoRAConfig(MethodConfig):
         return (self.alpha if self.alpha is not None else self.rank) / self.rank
 
 
-def _is_qkv_name(name: str, role: str | None) -> bool:
-    return role == "qkv" or name.split(".")[-1] == "qkv"
+class LoRALinear(AdapterLayer):
+    """Low-rank update of one Linear, optionally restricted to output slices (q / k / v of a fused qkv).
 
+    Args:
+        target: the Linear. rank, scaling, dropout: LoRA's. slices: ``[(start, end)]`` output rows to
+        adapt, each with its own A and B (``None``: all rows). init_weights: ``False`` makes B random.
+    """
 
-class LoRALayer(AdapterLayer):
-    """Low-rank update of one Linear (optionally per q/k/v slice) or Conv2d."""
-
-    mergeable = True
+    prefix = "lora"
 
     def __init__(
         self,
-        target: nn.Module,
+        target: nn.Linear,
         rank: int,
         scaling: float,
         dropout: float,
@@ -81,76 +79,53 @@ class LoRALayer(AdapterLayer):
         init_weights: bool,
     ) -> None:
         super().__init__()
-        self.rank = rank
-        self.scaling = scaling
+        self.rank, self.scaling = rank, scaling
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        out_f, in_f = target.weight.shape
+        self.slices = slices if slices is not None else [(0, out_f)]
+        self.full_out = self.slices == [(0, out_f)]
+        self.out_features = out_f
         w = target.weight
-        if isinstance(target, nn.Linear):
-            self.kind = "linear"
-            out_f, in_f = w.shape
-            self.slices = slices if slices is not None else [(0, out_f)]
-            self.full_out = self.slices == [(0, out_f)]
-            self.out_features = out_f
-            n = len(self.slices)
-            self.lora_A = nn.Parameter(w.new_empty(n * rank, in_f))
-            self.lora_B = nn.Parameter(w.new_zeros(sum(e - s for s, e in self.slices), rank))
-        elif isinstance(target, nn.Conv2d):
-            if target.padding_mode != "zeros":
-                raise ValueError(
-                    f"LoRA supports zero-padded convolutions only, got padding_mode={target.padding_mode!r}"
-                )
-            self.kind = "conv"
-            self.slices = [(0, target.out_channels)]
-            self.full_out = True
-            g = target.groups
-            self.groups = g
-            self.stride, self.padding, self.dilation = target.stride, target.padding, target.dilation
-            self.lora_A = nn.Parameter(w.new_empty(g * rank, *w.shape[1:]))
-            self.lora_B = nn.Parameter(w.new_zeros(target.out_channels, rank, 1, 1))
-        else:
-            raise TypeError(f"LoRA targets nn.Linear or nn.Conv2d, got {type(target).__name__}")
+        register(self, f"{self.prefix}_A", w.new_empty(len(self.slices) * rank, in_f))
+        register(self, f"{self.prefix}_B", w.new_zeros(sum(e - s for s, e in self.slices), rank))
         with torch.no_grad():
-            if self.kind == "linear":
-                for i in range(len(self.slices)):
-                    lora_init_(self.lora_A[i * rank : (i + 1) * rank])
-            else:
-                lora_init_(self.lora_A.view(self.lora_A.shape[0], -1))
+            for i in range(len(self.slices)):
+                lora_init_(self.A[i * rank : (i + 1) * rank])
             if not init_weights:
-                random_init_(self.lora_B, 0.05)
+                random_init_(self.B, 0.05)
 
-    # the update as a weight -----------------------------------------------------------------------
+    @property
+    def A(self) -> nn.Parameter:
+        """The down factor ``<prefix>_A``: (n_slices * rank, C_in), or (groups * rank, C_in / g, k_h, k_w)."""
+        return self._parameters[f"{self.prefix}_A"]
+
+    @property
+    def B(self) -> nn.Parameter:
+        """The up factor ``<prefix>_B``: (adapted rows, rank), or (C_out, rank, 1, 1)."""
+        return self._parameters[f"{self.prefix}_B"]
+
     def _full_B(self) -> torch.Tensor:
         """B as one (C_out, n_slices * rank) matrix, zero outside the adapted slices."""
         if self.full_out:
-            return self.lora_B
+            return self.B
         r = self.rank
-        full = self.lora_B.new_zeros(self.out_features, len(self.slices) * r)
+        full = self.B.new_zeros(self.out_features, len(self.slices) * r)
         off = 0
         for i, (s, e) in enumerate(self.slices):
-            full[s:e, i * r : (i + 1) * r] = self.lora_B[off : off + e - s]
+            full[s:e, i * r : (i + 1) * r] = self.B[off : off + e - s]
             off += e - s
         return full
 
     def delta_weight(self) -> torch.Tensor:
-        """``scaling * B @ A`` with the target weight's shape."""
-        if self.kind == "linear":
-            return (self._full_B() @ self.lora_A) * self.scaling
-        g, r = self.groups, self.rank
-        out = self.lora_B.shape[0]
-        a = self.lora_A.reshape(g, r, -1)  # (g, r, C_in/g * kh * kw)
-        b = self.lora_B.reshape(g, out // g, r)
-        return (b @ a).reshape(out, *self.lora_A.shape[1:]) * self.scaling
+        """``scaling * B @ A``: (C_out, C_in), zero in rows outside the slices."""
+        return (self._full_B() @ self.A) * self.scaling
 
     def delta_output(self, x: torch.Tensor) -> torch.Tensor:
-        """The update's contribution to the output. x: (..., C_in) or (B, C_in, H, W)."""
-        x = self.dropout(x).to(self.lora_A.dtype)
-        if self.kind == "linear":
-            h = F.linear(x, self.lora_A)
-            return F.linear(h, self._full_B()) * self.scaling
-        h = F.conv2d(x, self.lora_A, None, self.stride, self.padding, self.dilation, self.groups)
-        return F.conv2d(h, self.lora_B, None, groups=self.groups) * self.scaling
+        """The update's contribution to the output: (..., C_in) -> (..., C_out)."""
+        x = self.dropout(x).to(self.A.dtype)
+        return F.linear(F.linear(x, self.A), self._full_B()) * self.scaling
 
-    def after(self, module, args, kwargs, output):
+    def after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         return output + self.delta_output(first_tensor(args, kwargs)).to(output.dtype)
 
     @torch.no_grad()
@@ -162,7 +137,42 @@ class LoRALayer(AdapterLayer):
         target.weight.sub_(self.delta_weight().to(target.weight.dtype))
 
 
+class LoRAConv2d(LoRALinear):
+    """Low-rank update of one (possibly grouped) zero-padded Conv2d: A is a conv like the target with
+    ``rank`` outputs per group, B a grouped 1x1 conv."""
+
+    def __init__(self, target: nn.Conv2d, rank: int, scaling: float, dropout: float, init_weights: bool) -> None:
+        AdapterLayer.__init__(self)
+        if target.padding_mode != "zeros":
+            raise ValueError(f"LoRA supports zero-padded convolutions only, got padding_mode={target.padding_mode!r}")
+        self.rank, self.scaling = rank, scaling
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.groups, self.stride = target.groups, target.stride
+        self.padding, self.dilation = target.padding, target.dilation
+        w = target.weight
+        register(self, f"{self.prefix}_A", w.new_empty(self.groups * rank, *w.shape[1:]))
+        register(self, f"{self.prefix}_B", w.new_zeros(target.out_channels, rank, 1, 1))
+        with torch.no_grad():
+            lora_init_(self.A.view(self.A.shape[0], -1))
+            if not init_weights:
+                random_init_(self.B, 0.05)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``scaling * B @ A`` per group, with the target weight's shape (C_out, C_in / g, k_h, k_w)."""
+        g, r, out = self.groups, self.rank, self.B.shape[0]
+        a = self.A.reshape(g, r, -1)
+        b = self.B.reshape(g, out // g, r)
+        return (b @ a).reshape(out, *self.A.shape[1:]) * self.scaling
+
+    def delta_output(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C_in, H, W) -> (B, C_out, H', W')."""
+        x = self.dropout(x).to(self.A.dtype)
+        h = F.conv2d(x, self.A, None, self.stride, self.padding, self.dilation, self.groups)
+        return F.conv2d(h, self.B, None, groups=self.groups) * self.scaling
+
+
 def qkv_slices_of(target: nn.Linear, letters: str) -> list[tuple[int, int]]:
+    """Output-row ranges of the q / k / v slices named by ``letters`` in a fused qkv Linear."""
     out = target.out_features
     if out % 3:
         raise ValueError(f"qkv_slices needs a fused qkv Linear with 3*dim outputs, got {out}")
@@ -170,35 +180,12 @@ def qkv_slices_of(target: nn.Linear, letters: str) -> list[tuple[int, int]]:
     return [(_QKV[c] * d, (_QKV[c] + 1) * d) for c in letters]
 
 
-def lora_sites(
-    model: nn.Module, spec: BackboneSpec, cfg: LoRAConfig, method: type[Method]
-) -> list[tuple[str, nn.Module, list | None]]:
-    """Resolve LoRA / DoRA targets to ``(name, module, slices)``."""
-    targets = method.targets_for(spec, cfg)
-    found = resolve_targets(
-        model,
-        spec,
-        targets,
-        cfg.exclude,
-        cfg.layers,
-        accept=lambda n, m: isinstance(m, (nn.Linear, nn.Conv2d)),
-        what=f"{method.name} targets",
-    )
-    modules = dict(model.named_modules())
-    sites = []
-    any_qkv = False
-    for name, role in found:
-        m = modules[name]
-        slices = None
-        if cfg.qkv_slices is not None and isinstance(m, nn.Linear) and _is_qkv_name(name, role):
-            slices = qkv_slices_of(m, cfg.qkv_slices)
-            any_qkv = True
-        sites.append((name, m, slices))
-    if cfg.qkv_slices is not None and not any_qkv:
-        raise ValueError(
-            f"qkv_slices={cfg.qkv_slices!r} given but no target is a fused qkv Linear (targets {targets})"
-        )
-    return sites
+def site_slices(site: Site, cfg: LoRAConfig) -> list[tuple[int, int]] | None:
+    """The q / k / v slices to adapt at a site (``None``: the whole module)."""
+    is_qkv = site.role == "qkv" or site.name.split(".")[-1] == "qkv"
+    if cfg.qkv_slices is not None and isinstance(site.module, nn.Linear) and is_qkv:
+        return qkv_slices_of(site.module, cfg.qkv_slices)
+    return None
 
 
 @register_method("lora")
@@ -207,16 +194,44 @@ class LoRA(Method):
     paper = "LoRA: Low-Rank Adaptation of Large Language Models (arXiv:2106.09685)"
     mergeable = True
     default_roles = (("qkv",), ("mlp_in", "mlp_out"), ("conv",))
+    accepts = (nn.Linear, nn.Conv2d)
+    variants = (
+        Variant("lora", {"rank": 4}, paper={"rank": 8, "alpha": 8}, stem="lora-r8"),
+        Variant(
+            "lora_qv",
+            {"rank": 4, "qkv_slices": "qv", "alpha": 8},
+            paper={"rank": 8, "alpha": 8, "qkv_slices": "qv"},
+            stem="lora-r8-qv",
+        ),
+    )
 
     @classmethod
-    def unsupported_reason(cls, model, spec, cfg):
+    def unsupported_reason(cls, model: nn.Module | None, spec: BackboneSpec, cfg: LoRAConfig) -> str | None:
         if cfg.qkv_slices is not None and cfg.targets is None and not spec.has_role("qkv"):
             return f"qkv_slices needs a fused qkv Linear; the {spec.name} spec has no qkv role"
         return super().unsupported_reason(model, spec, cfg)
 
     @classmethod
-    def build(cls, model, spec, cfg):
-        return [
-            (name, LoRALayer(m, cfg.rank, cfg.scaling, cfg.dropout, slices, cfg.init_weights))
-            for name, m, slices in lora_sites(model, spec, cfg, cls)
-        ]
+    def sites(cls, model: nn.Module, spec: BackboneSpec, cfg: LoRAConfig) -> list[Site]:
+        sites = super().sites(model, spec, cfg)
+        if cfg.qkv_slices is not None and not any(site_slices(s, cfg) for s in sites):
+            raise ValueError(
+                f"qkv_slices={cfg.qkv_slices!r} given but no target is a fused qkv Linear "
+                f"(targets {cls.targets_for(spec, cfg)})"
+            )
+        return sites
+
+    @classmethod
+    def make_layer(cls, site: Site, cfg: LoRAConfig) -> AdapterLayer:
+        if isinstance(site.module, nn.Conv2d):
+            return LoRAConv2d(site.module, cfg.rank, cfg.scaling, cfg.dropout, cfg.init_weights)
+        return LoRALinear(site.module, cfg.rank, cfg.scaling, cfg.dropout, site_slices(site, cfg), cfg.init_weights)
+
+    @classmethod
+    def site_params(cls, site: Site, cfg: LoRAConfig) -> int:
+        """``r * (C_in * k_h * k_w + C_out)`` per adapted weight (per q / k / v slice of a fused qkv)."""
+        m, r = site.module, cfg.rank
+        if isinstance(m, nn.Conv2d):
+            return r * (m.in_channels * m.kernel_size[0] * m.kernel_size[1] + m.out_channels)
+        slices = site_slices(site, cfg) or [(0, m.out_features)]
+        return sum(r * (m.in_features + (e - s)) for s, e in slices)

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch.nn as nn
+
 from .._registry import register_method
+from ..backbones._spec import infer_features
 from ..config import MethodConfig
-from ._base import Method
-from .adaptformer import build_parallel
+from ._base import AdapterLayer, Method, Site, Variant
+from ._bottleneck import ParallelBranch, bottleneck_params
 
 
 @dataclasses.dataclass
@@ -27,17 +30,42 @@ class ParallelAdapterConfig(MethodConfig):
     scale: float = 1.0
     dropout: float = 0.0
 
-    def validate(self) -> None:
-        self._positive(bottleneck=self.bottleneck)
-        self._in_range("dropout", self.dropout, 0.0, 1.0)
-
 
 @register_method("parallel_adapter")
 class ParallelAdapter(Method):
     config_cls = ParallelAdapterConfig
     paper = "Towards a Unified View of Parameter-Efficient Transfer Learning (arXiv:2110.04366)"
     default_roles = (("mlp",),)
+    variants = (
+        Variant(
+            "parallel_adapter",
+            {"bottleneck": 16, "scale": 2.0},
+            paper={"bottleneck": 8, "scale": 1.0},
+            stem="parallel_adapter-b8",
+        ),
+    )
+    renamed_keys = {
+        ".adapter.down.weight": ".parallel_adapter_down",
+        ".adapter.down.bias": ".parallel_adapter_down_bias",
+        ".adapter.up.weight": ".parallel_adapter_up",
+        ".adapter.up.bias": ".parallel_adapter_up_bias",
+    }
 
     @classmethod
-    def build(cls, model, spec, cfg):
-        return build_parallel(cls, model, spec, cfg, cfg.bottleneck, cfg.scale, cfg.dropout)
+    def make_layer(cls, site: Site, cfg: ParallelAdapterConfig) -> AdapterLayer:
+        c_in, c_out = infer_features(site.module)
+        return ParallelBranch(
+            site.layout,
+            prefix="parallel_adapter",
+            c_in=c_in,
+            c_out=c_out,
+            hidden=cfg.bottleneck,
+            act=nn.ReLU(),
+            dropout=cfg.dropout,
+            scale=cfg.scale,
+            init_weights=cfg.init_weights,
+        )
+
+    @classmethod
+    def site_params(cls, site: Site, cfg: ParallelAdapterConfig) -> int:
+        return bottleneck_params(*infer_features(site.module), cfg.bottleneck)

@@ -19,12 +19,15 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from typing import Any
+
 import torch
 import torch.nn as nn
 
 from .._registry import register_method
+from ..backbones._spec import BackboneSpec, infer_features
 from ..config import MethodConfig
-from ._base import AdapterLayer, Method
+from ._base import AdapterLayer, Method, Site, Variant
 
 
 @dataclasses.dataclass
@@ -37,8 +40,8 @@ class VPTConfig(MethodConfig):
     dropout: float = 0.0
 
     def validate(self) -> None:
-        self._positive(num_tokens=self.num_tokens)
-        self._in_range("dropout", self.dropout, 0.0, 1.0)
+        if self.targets is not None:
+            raise ValueError("VPTConfig: vpt places prompts before blocks; select blocks with layers=[...], not targets")
 
 
 class VPTLayer(AdapterLayer):
@@ -48,14 +51,17 @@ class VPTLayer(AdapterLayer):
 
     def __init__(
         self, prefix: int, num_tokens: int, dim: int, mode: str | None, strip: bool, init_val: float, dropout: float
-    ):
+    ) -> None:
         super().__init__()
         self.prefix, self.num_tokens, self.mode, self.strip = prefix, num_tokens, mode, strip
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         if mode is not None:
             self.vpt_prompts = nn.Parameter(torch.empty(num_tokens, dim).uniform_(-init_val, init_val))
 
-    def before(self, module, args, kwargs):
+    def no_weight_decay(self) -> set[str]:
+        return {"vpt_prompts"}
+
+    def before(self, module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
         """x: (B, N, C) -> (B, N + num_tokens, C) (insert) or same shape (replace)."""
         if self.mode is None:
             return None
@@ -65,7 +71,7 @@ class VPTLayer(AdapterLayer):
         tail = x[:, k:] if self.mode == "insert" else x[:, k + self.num_tokens :]
         return (torch.cat([head, p, tail], dim=1), *args[1:]), kwargs
 
-    def after(self, module, args, kwargs, output):
+    def after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         """(B, N + num_tokens, C) -> (B, N, C) after the last block."""
         if not self.strip:
             return None
@@ -79,9 +85,19 @@ class VPT(Method):
     paper = "Visual Prompt Tuning (arXiv:2203.12119)"
     identity_at_init = False
     default_roles = (("block",),)
+    variants = (
+        Variant("vpt_shallow", {"num_tokens": 4}, lr=1e-1, paper={"num_tokens": 10, "dropout": 0.1}, stem="vpt-shallow-t10"),
+        Variant(
+            "vpt_deep",
+            {"num_tokens": 4, "deep": True},
+            lr=5e-2,
+            paper={"num_tokens": 10, "deep": True, "dropout": 0.1},
+            stem="vpt-deep-t10",
+        ),
+    )
 
     @classmethod
-    def unsupported_reason(cls, model, spec, cfg):
+    def unsupported_reason(cls, model: nn.Module | None, spec: BackboneSpec, cfg: VPTConfig) -> str | None:
         if spec.num_prefix_tokens is None or not spec.has_role("block"):
             return (
                 f"vpt needs a backbone whose blocks see a token sequence (B, N, C); {spec.name} blocks "
@@ -90,10 +106,12 @@ class VPT(Method):
             )
         return None
 
+    @staticmethod
+    def _dim(model: nn.Module) -> int:
+        return int(getattr(model, "embed_dim", 0) or model.num_features)
+
     @classmethod
-    def build(cls, model, spec, cfg):
-        if cfg.targets is not None:
-            raise ValueError("vpt places prompts before blocks; select blocks with layers=[...], not targets")
+    def build(cls, model: nn.Module, spec: BackboneSpec, cfg: VPTConfig) -> list[tuple[str, AdapterLayer]]:
         blocks = spec.blocks(model)
         chosen = sorted(set(cfg.layers)) if cfg.layers is not None else list(range(len(blocks)))
         bad = [i for i in chosen if not 0 <= i < len(blocks)]
@@ -101,7 +119,7 @@ class VPT(Method):
             raise ValueError(f"vpt layers {cfg.layers} out of range: the backbone has {len(blocks)} blocks")
         if not cfg.deep:
             chosen = chosen[:1]
-        dim = int(getattr(model, "embed_dim", 0) or model.num_features)
+        dim = cls._dim(model)
         p = spec.patch_size(model) if spec.patch_size else 16
         init_val = math.sqrt(6.0 / float(3 * p * p + dim))
         prefix = spec.num_prefix_tokens(model)
@@ -115,3 +133,12 @@ class VPT(Method):
                 continue
             out.append((name, VPTLayer(prefix, cfg.num_tokens, dim, mode, i == last, init_val, cfg.dropout)))
         return out
+
+    @classmethod
+    def param_count(cls, model: nn.Module, sites: list[Site], cfg: VPTConfig) -> int:
+        """``num_tokens * C`` prompts before each prompted block: the selected blocks (sites) when deep,
+        the first of them when shallow."""
+        if not sites:
+            return 0
+        dim = infer_features(sites[0].module)[0]
+        return cfg.num_tokens * dim * (len(sites) if cfg.deep else 1)
