@@ -404,17 +404,18 @@ def test_interrupted_write_leaves_no_temp_after_next_save(tmp_path):
     old = time.time() - 3600
     os.utime(left[0], (old, old))
     # kept: a live writer's file (this process), a fresh file, and another target's temporary file
-    live = target.parent / f".adapter_config.json.{os.getpid()}.0123abcd.tmp"
-    fresh = target.parent / f".adapter_config.json.{proc.pid}.fresh0.tmp"
-    other = target.parent / f".adapter.safetensors.{proc.pid}.0123abcd.tmp"
-    for f in (live, fresh, other):
+    live = target.parent / f".adapter_config.json.{os.getpid()}.0123456789ab.tmp"
+    fresh = target.parent / f".adapter_config.json.{proc.pid}.ba9876543210.tmp"
+    other = target.parent / f".adapter.safetensors.{proc.pid}.0123456789ab.tmp"
+    legacy = target.parent / ".adapter_config.json.ab12cd_4.tmp"  # tempfile.mkstemp's name: judged by age
+    for f in (live, fresh, other, legacy):
         f.write_text("x")
-    for f in (live, other):
+    for f in (live, other, legacy):
         os.utime(f, (old, old))
 
     torch.manual_seed(0)
     vp.get_peft_model(make_vit(), vp.LoRAConfig(rank=2)).save_adapter(target.parent)
-    assert not left[0].exists()
+    assert not left[0].exists() and not legacy.exists()
     assert live.exists() and fresh.exists()
     assert not other.exists()  # the tensors file was saved too: its dead writer's old file is gone
     assert sorted(p.name for p in target.parent.iterdir()) == sorted(

@@ -43,11 +43,13 @@ class AdapterFileError(ValueError):
 
 
 def _tmp_pattern(name: str) -> re.Pattern[str]:
-    # ".<name>.<pid>.<hex>.tmp" (this module) or ".<name>.<random>.tmp" (tempfile.mkstemp, older versions)
-    return re.compile(rf"\.{re.escape(name)}\.(?:(\d+)\.)?[A-Za-z0-9_]+\.tmp")
+    # ".<name>.<pid>.<12 hex>.tmp" (this module) or ".<name>.<8 random>.tmp" (tempfile.mkstemp, older versions)
+    return re.compile(rf"\.{re.escape(name)}\.(?:(\d+)\.[0-9a-f]{{12}}|[a-z0-9_]{{8}})\.tmp")
 
 
 def _pid_alive(pid: int) -> bool:
+    if os.name != "posix":  # os.kill(pid, 0) would terminate the process on Windows: assume it lives
+        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
