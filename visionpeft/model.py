@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from . import __version__
-from ._io import AdapterFileError, load_json, load_tensors, save_json, save_tensors
+from ._io import AdapterFileError, check_field_types, load_json, read_adapter_files, save_adapter_files
 from ._registry import get_method, list_methods
 from .backbones import detect_backbone
 from .config import MethodConfig
@@ -28,6 +28,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
 _SAVE_PREFIX = "modules_to_save-"
 _BASE_PREFIX = "base_model."
+_WRAPPED_ATTR = "_visionpeft_wrapped"  # set on a base model while a PeftVisionModel wraps it
 
 
 def _site_key(module_name: str) -> str:
@@ -53,6 +54,7 @@ class PeftVisionModel(nn.Module):
         super().__init__()
         if isinstance(model, PeftVisionModel):
             raise TypeError("model is already a PeftVisionModel; use model.add_adapter(name, config)")
+        _refuse_wrapped(model)
         self.base_model = model
         self.spec = detect_backbone(model)
         self.peft_modules = nn.ModuleDict()
@@ -65,10 +67,19 @@ class PeftVisionModel(nn.Module):
         self._unloaded = False
         built = self._build(adapter_name, config)  # may raise: nothing changed yet
         self._requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}  # restored on unload
-        for p in model.parameters():
-            p.requires_grad_(False)
-        self._attach(adapter_name, config, *built)
-        self.set_adapter(adapter_name)
+        try:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            self._attach(adapter_name, config, *built)
+            self.set_adapter(adapter_name)
+        except BaseException:
+            for h in self._handles.get(adapter_name, []):
+                h.remove()
+            for n, p in model.named_parameters():
+                p.requires_grad_(self._requires_grad[n])
+            raise
+        # a plain attribute (not in the state_dict): a second wrapper on this model is refused until unload
+        model.__dict__[_WRAPPED_ATTR] = True
 
     # attribute fall-through so timm's API (set_grad_checkpointing, forward_features ...) keeps working
     def __getattr__(self, name: str) -> Any:
@@ -260,6 +271,7 @@ class PeftVisionModel(nn.Module):
         self._handles = {n: [] for n in self._handles}
         for n, p in self.base_model.named_parameters():
             p.requires_grad_(self._requires_grad.get(n, True))
+        self.base_model.__dict__.pop(_WRAPPED_ATTR, None)
         self._unloaded = True
         return self.base_model
 
@@ -312,7 +324,12 @@ class PeftVisionModel(nn.Module):
 
     # saving and loading ------------------------------------------------------------------------
     def save_adapter(self, directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
-        """Write ``adapter.safetensors`` and ``adapter_config.json`` (atomically) into ``directory``."""
+        """Write ``adapter.safetensors`` and ``adapter_config.json`` into ``directory``.
+
+        Each file is written atomically (temporary file, then rename), the tensors first and the config
+        last; the config records the SHA-256 of the tensors file, so a load that runs while another
+        save goes on never combines the halves of two saves.
+        """
         name = adapter_name or self.active_adapter
         self._check_name(name)
         if self._merged == name:
@@ -330,44 +347,193 @@ class PeftVisionModel(nn.Module):
             "sites": self._targets[name],
             "shapes": {k: list(v.shape) for k, v in tensors.items()},
         }
-        save_tensors(directory / WEIGHTS_NAME, tensors, metadata={"method": cfg.method})
-        save_json(directory / CONFIG_NAME, meta)
+        save_adapter_files(directory, CONFIG_NAME, WEIGHTS_NAME, meta, tensors, metadata={"method": cfg.method})
         return directory
 
     def load_adapter(
         self, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
     ) -> None:
-        """Attach the adapter saved in ``directory`` under ``adapter_name`` and make it active."""
+        """Attach the adapter saved in ``directory`` under ``adapter_name`` and make it active.
+
+        The files, the config, the backbone and every tensor (name, shape, dtype, finite values) are
+        checked before the model is touched; a call that fails changes nothing (adapters, hooks,
+        parameters, ``requires_grad``, active adapter).
+
+        Args:
+            directory: a folder written by :meth:`save_adapter`.
+            adapter_name: the name of the new adapter (must not exist yet).
+            is_trainable: ``False`` (default) loads for inference: every parameter is frozen and the
+                model is put in eval mode (dropout off, deterministic outputs), as huggingface peft
+                does. ``True`` lets the loaded adapter train and leaves the train / eval mode as it is.
+
+        Raises:
+            AdapterFileError: a file is missing, unreadable or invalid, or does not fit this model.
+            RuntimeError: an adapter is merged (``unmerge()`` first) or the model was unloaded.
+        """
+        if self._unloaded:
+            raise RuntimeError("this PeftVisionModel was unloaded; load the adapter into the model it returned")
+        if self._merged is not None:
+            raise RuntimeError(
+                f"adapter {self._merged!r} is merged into the base weights; unmerge() before loading another adapter"
+            )
+        _check_new_name(adapter_name, self.peft_config)
         directory = Path(directory)
-        meta, cfg = read_adapter_config(directory)
+        meta, cfg, tensors = _read_adapter(directory)
         check_compatible(meta, self.base_model, self.spec, directory)
-        tensors = load_tensors(directory / WEIGHTS_NAME)
-        self.add_adapter(adapter_name, cfg)
         try:
+            built = self._build(adapter_name, cfg)
+        except (ValueError, TypeError, KeyError) as e:
+            raise AdapterFileError(f"the adapter in {directory} cannot be attached to this model: {e}") from e
+        _check_tensors(_expected_state(self.base_model, *built), tensors, directory / WEIGHTS_NAME)
+        snapshot = _flags(self)
+        try:
+            self._attach(adapter_name, cfg, *built)
+            self.peft_modules[adapter_name].train(self.training)  # new layers follow the model's mode
             _load_checked(self, adapter_name, tensors, directory)
-        except Exception:
-            self.delete_adapter(adapter_name)
+            self.set_adapter(adapter_name)
+        except BaseException:
+            _roll_back(self, adapter_name, snapshot)
             raise
-        self.set_adapter(adapter_name)
         if not is_trainable:
             for p in self.parameters():
                 p.requires_grad_(False)
+            self.eval()
 
 
-def read_adapter_config(directory: Path) -> tuple[dict, MethodConfig]:
+def _check_new_name(name: Any, existing: dict[str, Any]) -> None:
+    if not name or not isinstance(name, str) or "." in name:
+        raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
+    if name in existing:
+        raise ValueError(
+            f"an adapter named {name!r} exists already; delete_adapter({name!r}) first or pick another name"
+        )
+
+
+def _refuse_wrapped(model: nn.Module, loading: bool = False) -> None:
+    """Raise when ``model`` (or a module in it) already carries the hooks of a PeftVisionModel."""
+    carries = False
+    for m in model.modules():
+        if m.__dict__.get(_WRAPPED_ATTR):
+            carries = True
+            break
+        for attr in ("_forward_hooks", "_forward_pre_hooks"):
+            if any(isinstance(getattr(h, "__self__", None), AdapterLayer) for h in m.__dict__.get(attr, {}).values()):
+                carries = True
+        if carries:
+            break
+    if not carries:
+        return
+    if loading:
+        fix = (
+            "load the adapter through that wrapper (wrapper.load_adapter(directory, name), or "
+            "vp.load_adapter(wrapper, directory, name)), or call its unload() / merge_and_unload() first"
+        )
+    else:
+        fix = (
+            "add another adapter with add_adapter(name, config) on that wrapper, or call its unload() / "
+            "merge_and_unload() first to get the plain model back"
+        )
+    raise ValueError(f"this model already carries visionpeft adapters (a PeftVisionModel wraps it): {fix}")
+
+
+def _flags(model: PeftVisionModel) -> dict[str, Any]:
+    """What a failed load may have changed besides the new adapter's own entries."""
+    return {
+        "requires_grad": [(p, p.requires_grad) for p in model.parameters()],
+        "active": [(layer, layer.active) for group in model.peft_modules.values() for layer in group.values()],
+        "active_adapter": model.active_adapter,
+        "training": [(m, m.training) for m in model.modules()],
+    }
+
+
+def _roll_back(model: PeftVisionModel, name: str, snapshot: dict[str, Any]) -> None:
+    """Remove every trace of adapter ``name`` (attached by a load that failed) and restore ``snapshot``."""
+    for h in model._handles.pop(name, []):
+        h.remove()
+    if name in model.peft_modules:
+        del model.peft_modules[name]
+    for table in (model.peft_config, model._targets, model._base_trained):
+        table.pop(name, None)
+    model.active_adapter = snapshot["active_adapter"]
+    for layer, active in snapshot["active"]:
+        layer.active = active
+    for p, flag in snapshot["requires_grad"]:
+        p.requires_grad_(flag)
+    for m, training in snapshot["training"]:
+        m.training = training
+
+
+def _read_adapter(directory: Path) -> tuple[dict, MethodConfig, dict[str, torch.Tensor]]:
+    """The config (raw and parsed) and the tensors of the adapter in ``directory``, checked as files."""
     if not directory.exists():
         raise AdapterFileError(f"adapter directory not found: {directory}")
-    meta = load_json(directory / CONFIG_NAME)
-    if not isinstance(meta, dict) or "config" not in meta or "method" not in meta:
+    if not directory.is_dir():
+        raise AdapterFileError(f"{directory} is not a directory: give the folder that save_adapter() wrote")
+    meta, tensors = read_adapter_files(directory, CONFIG_NAME, WEIGHTS_NAME)
+    cfg = _config_from_meta(meta, directory / CONFIG_NAME)
+    path = directory / WEIGHTS_NAME
+    bad = []
+    for k, v in tensors.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            bad.append(f"{k} ({int((~torch.isfinite(v)).sum())} of {v.numel()} values)")
+    if bad:
         raise AdapterFileError(
-            f"{directory / CONFIG_NAME} is not a visionpeft adapter config (no 'method' / 'config')"
+            f"adapter {path} holds NaN or infinite values in {', '.join(bad[:5])}"
+            + (" ..." if len(bad) > 5 else "")
+            + ": the adapter was saved from a diverged run; save it again from a finite state"
+        )
+    return meta, cfg, tensors
+
+
+_REQUIRED_KEYS = ("method", "config", "backbone", "architecture")
+
+
+def _config_from_meta(meta: Any, path: Path) -> MethodConfig:
+    """The method config recorded in an adapter config file; every problem names the file."""
+    if not isinstance(meta, dict):
+        raise AdapterFileError(
+            f"{path} is not a visionpeft adapter config: a JSON object was expected, got a {type(meta).__name__}"
+        )
+    missing = [k for k in _REQUIRED_KEYS if k not in meta]
+    if missing:
+        raise AdapterFileError(f"{path} is not a visionpeft adapter config: missing key(s) {', '.join(missing)}")
+    wrong = [k for k in ("method", "backbone", "architecture") if not isinstance(meta[k], str)]
+    if not isinstance(meta["config"], dict):
+        wrong.append("config")
+    if wrong:
+        raise AdapterFileError(
+            f"{path}: wrong type for {', '.join(repr(k) for k in wrong)} (strings for 'method', 'backbone', "
+            "'architecture'; an object for 'config')"
         )
     try:
         method = get_method(meta["method"])
     except KeyError as e:
-        raise AdapterFileError(f"{directory / CONFIG_NAME}: {e.args[0]}") from None
-    cfg = method.config_cls.from_dict(meta["config"])
-    return meta, cfg
+        raise AdapterFileError(f"{path}: {e.args[0]}") from None
+    config = meta["config"]
+    if config.get("method", meta["method"]) != meta["method"]:
+        raise AdapterFileError(
+            f"{path}: 'config' is for method {config.get('method')!r} but 'method' is {meta['method']!r}"
+        )
+    wrong_types = check_field_types(method.config_cls, config)
+    if wrong_types:
+        raise AdapterFileError(f"{path}: invalid {meta['method']} config: {'; '.join(wrong_types)}")
+    try:
+        return method.config_cls.from_dict(config)
+    except (TypeError, ValueError, KeyError) as e:
+        raise AdapterFileError(f"{path}: invalid {meta['method']} config: {e}") from e
+
+
+def read_adapter_config(directory: Path) -> tuple[dict, MethodConfig]:
+    """The raw JSON and the parsed method config of the adapter saved in ``directory``.
+
+    Raises:
+        AdapterFileError: naming the file, for any problem with it.
+    """
+    directory = Path(directory)
+    if not directory.exists():
+        raise AdapterFileError(f"adapter directory not found: {directory}")
+    meta = load_json(directory / CONFIG_NAME)
+    return meta, _config_from_meta(meta, directory / CONFIG_NAME)
 
 
 def check_compatible(meta: dict, model: nn.Module, spec: Any, directory: Path) -> None:
@@ -379,24 +545,57 @@ def check_compatible(meta: dict, model: nn.Module, spec: Any, directory: Path) -
         )
 
 
-def _load_checked(model: PeftVisionModel, name: str, tensors: dict[str, torch.Tensor], directory: Path) -> None:
-    expected = model.adapter_state_dict(name)
+def _expected_state(
+    base_model: nn.Module, layers: list, saves: list, base_trained: list[str]
+) -> dict[str, torch.Tensor]:
+    """The tensors (by file key) that built but not yet attached layers will hold, as adapter_state_dict."""
+    out = {}
+    for prefix, items in (("", layers), (_SAVE_PREFIX, saves)):
+        for module_name, layer in items:
+            for k, v in layer.state_dict().items():
+                out[f"{prefix}{_site_key(module_name)}.{k}"] = v
+    params = dict(base_model.named_parameters())
+    for n in base_trained:
+        out[_BASE_PREFIX + n] = params[n]
+    return out
+
+
+def _check_tensors(expected: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Raise AdapterFileError naming ``path`` unless ``tensors`` has exactly the names, shapes and kinds of dtype."""
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
+    common = sorted(set(expected) & set(tensors))
     wrong = [
         f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in sorted(set(expected) & set(tensors))
+        for k in common
         if tuple(tensors[k].shape) != tuple(expected[k].shape)
     ]
-    if missing or unexpected or wrong:
-        parts = []
-        if wrong:
-            parts.append(f"shape mismatches: {'; '.join(wrong[:5])}" + (" ..." if len(wrong) > 5 else ""))
-        if missing:
-            parts.append(f"missing in file: {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
-        if unexpected:
-            parts.append(f"not in model: {', '.join(unexpected[:5])}" + (" ..." if len(unexpected) > 5 else ""))
-        raise AdapterFileError(f"adapter {directory / WEIGHTS_NAME} does not fit this model: " + " | ".join(parts))
+    dtypes = [
+        f"{k} ({tensors[k].dtype})"
+        for k in common
+        if expected[k].is_floating_point() and not tensors[k].is_floating_point()
+    ]
+
+    def few(items: list[str]) -> str:
+        return ", ".join(items[:5]) + (" ..." if len(items) > 5 else "")
+
+    parts = []
+    if wrong:
+        parts.append(f"shape mismatches: {'; '.join(wrong[:5])}" + (" ..." if len(wrong) > 5 else ""))
+    if missing:
+        parts.append(f"missing in file: {few(missing)}")
+    if unexpected:
+        parts.append(f"not in model: {few(unexpected)}")
+    if dtypes:
+        parts.append(f"not floating-point in the file: {few(dtypes)}")
+    if parts:
+        raise AdapterFileError(f"adapter {path} does not fit this model: " + " | ".join(parts))
+
+
+def _load_checked(model: PeftVisionModel, name: str, tensors: dict[str, torch.Tensor], directory: Path) -> None:
+    """Copy ``tensors`` into adapter ``name`` after checking that they fit (nothing is copied otherwise)."""
+    expected = model.adapter_state_dict(name)
+    _check_tensors(expected, tensors, directory / WEIGHTS_NAME)
     with torch.no_grad():
         for k, v in expected.items():
             v.copy_(tensors[k].to(dtype=v.dtype, device=v.device))
@@ -408,7 +607,9 @@ def get_peft_model(
     """Freeze ``model`` and attach an adapter.
 
     Args:
-        model: any ``nn.Module`` (timm backbones and SAM get their spec automatically).
+        model: any ``nn.Module`` (timm backbones and SAM get their spec automatically). A model that a
+            PeftVisionModel already wraps is refused: add adapters through that wrapper
+            (``add_adapter``), or ``unload()`` it first.
         config: a method config (``vp.LoRAConfig(rank=8)``) or a registered method name
             (``"adaptformer"``) with its options as keyword arguments.
     """
@@ -426,22 +627,36 @@ def load_adapter(
 ) -> PeftVisionModel:
     """Attach a saved adapter to a base model (or to an existing :class:`PeftVisionModel`).
 
-    Checks the backbone, the method and every tensor shape; on any mismatch it raises
-    :class:`AdapterFileError` naming what differs and leaves ``model`` unchanged. The returned model
-    is frozen unless ``is_trainable``.
+    Checks the files, the backbone, the method config and every tensor (shape, dtype, finite values);
+    on any problem it raises :class:`AdapterFileError` naming the file and what differs, and leaves
+    ``model`` unchanged. A base model that a PeftVisionModel already wraps is refused: pass that
+    wrapper instead.
+
+    Args:
+        model: a base model, or a :class:`PeftVisionModel` (the adapter is added to it).
+        directory: a folder written by :meth:`PeftVisionModel.save_adapter`.
+        adapter_name: the name of the loaded adapter.
+        is_trainable: ``False`` (default) loads for inference: the returned model is frozen and in eval
+            mode (dropout off, deterministic outputs), as huggingface peft's loader does. ``True``
+            lets the adapter train and leaves the train / eval mode as it is.
     """
     if isinstance(model, PeftVisionModel):
         model.load_adapter(directory, adapter_name, is_trainable)
         return model
+    _refuse_wrapped(model, loading=True)
+    _check_new_name(adapter_name, {})
     directory = Path(directory)
-    meta, cfg = read_adapter_config(directory)
+    meta, cfg, tensors = _read_adapter(directory)
     check_compatible(meta, model, detect_backbone(model), directory)
-    tensors = load_tensors(directory / WEIGHTS_NAME)
     requires = {n: p.requires_grad for n, p in model.named_parameters()}
-    peft_model = PeftVisionModel(model, cfg, adapter_name)
+    try:
+        peft_model = PeftVisionModel(model, cfg, adapter_name)
+    except (ValueError, TypeError, KeyError) as e:
+        raise AdapterFileError(f"the adapter in {directory} cannot be attached to this model: {e}") from e
+    peft_model.train(model.training)  # the adapter follows the base model's train / eval mode
     try:
         _load_checked(peft_model, adapter_name, tensors, directory)
-    except Exception:
+    except BaseException:
         peft_model._remove_all()
         for n, p in model.named_parameters():
             p.requires_grad_(requires[n])
@@ -449,4 +664,5 @@ def load_adapter(
     if not is_trainable:
         for p in peft_model.parameters():
             p.requires_grad_(False)
+        peft_model.eval()
     return peft_model
