@@ -25,6 +25,9 @@ from .config import MethodConfig
 from .methods._base import AdapterLayer, ModulesToSave
 
 CONFIG_NAME = "adapter_config.json"
+# 2: method-prefixed parameter names (``adaptformer_down`` ...), DoRA magnitudes over adapted rows only,
+#    the published Conv-Adapter, AdaptFormer / serial adapters outside LayerScale and DropPath
+FORMAT_VERSION = 2
 WEIGHTS_NAME = "adapter.safetensors"
 _SAVE_PREFIX = "modules_to_save-"
 _BASE_PREFIX = "base_model."
@@ -338,7 +341,7 @@ class PeftVisionModel(nn.Module):
         tensors = self.adapter_state_dict(name)
         cfg = self.peft_config[name]
         meta = {
-            "format_version": 1,
+            "format_version": FORMAT_VERSION,
             "visionpeft_version": __version__,
             "method": cfg.method,
             "config": cfg.to_dict(),
@@ -470,6 +473,7 @@ def _read_adapter(directory: Path) -> tuple[dict, MethodConfig, dict[str, torch.
     if not directory.is_dir():
         raise AdapterFileError(f"{directory} is not a directory: give the folder that save_adapter() wrote")
     meta, tensors = read_adapter_files(directory, CONFIG_NAME, WEIGHTS_NAME)
+    meta, tensors = _upgrade(meta, tensors, directory / CONFIG_NAME)
     cfg = _config_from_meta(meta, directory / CONFIG_NAME)
     path = directory / WEIGHTS_NAME
     bad = []
@@ -532,8 +536,30 @@ def read_adapter_config(directory: Path) -> tuple[dict, MethodConfig]:
     directory = Path(directory)
     if not directory.exists():
         raise AdapterFileError(f"adapter directory not found: {directory}")
-    meta = load_json(directory / CONFIG_NAME)
+    meta, _ = _upgrade(load_json(directory / CONFIG_NAME), {}, directory / CONFIG_NAME)
     return meta, _config_from_meta(meta, directory / CONFIG_NAME)
+
+
+def _upgrade(meta: Any, tensors: dict[str, torch.Tensor], path: Path) -> tuple[Any, dict[str, torch.Tensor]]:
+    """Bring a file of an older format to today's (each method converts its own format-1 files)."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        return meta, tensors  # _config_from_meta reports it
+    version = meta.get("format_version", 1)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise AdapterFileError(
+            f"{path}: format_version {version!r} was written by a newer visionpeft (this one reads up to "
+            f"{FORMAT_VERSION}); upgrade visionpeft"
+        )
+    if version == FORMAT_VERSION:
+        return meta, tensors
+    try:
+        method = get_method(meta.get("method"))
+        config, tensors = method.upgrade_v1(dict(meta["config"]), tensors)
+    except KeyError:
+        return meta, tensors  # an unknown method: _config_from_meta names it
+    except ValueError as e:
+        raise AdapterFileError(f"{path} (format 1) cannot be converted: {e}") from None
+    return {**meta, "config": config, "format_version": FORMAT_VERSION}, tensors
 
 
 def check_compatible(meta: dict, model: nn.Module, spec: Any, directory: Path) -> None:

@@ -73,9 +73,10 @@ class _Magnitude:
     @torch.no_grad()
     def merge(self, target: nn.Module) -> None:
         w, rows = target.weight, self.rows
-        new = w.float()[rows] + self.delta_weight().float()[rows]
+        dt = torch.promote_types(w.dtype, torch.float32)  # at least float32 for half-precision weights
+        new = w.to(dt)[rows] + self.delta_weight().to(dt)[rows]
         self._merge_norm = _row_norm(new)
-        scale = (self.magnitude.float() / self._merge_norm).view(-1, *([1] * (w.dim() - 1)))
+        scale = (self.magnitude.to(dt) / self._merge_norm).view(-1, *([1] * (w.dim() - 1)))
         w[rows] = (new * scale).to(w.dtype)
 
     @torch.no_grad()
@@ -83,8 +84,9 @@ class _Magnitude:
         if self._merge_norm is None:
             raise RuntimeError("DoRA layer is not merged")
         w, rows = target.weight, self.rows
-        scale = (self.magnitude.float() / self._merge_norm).view(-1, *([1] * (w.dim() - 1)))
-        w[rows] = (w.float()[rows] / scale - self.delta_weight().float()[rows]).to(w.dtype)
+        dt = self._merge_norm.dtype
+        scale = (self.magnitude.to(dt) / self._merge_norm).view(-1, *([1] * (w.dim() - 1)))
+        w[rows] = (w.to(dt)[rows] / scale - self.delta_weight().to(dt)[rows]).to(w.dtype)
         self._merge_norm = None
 
 
