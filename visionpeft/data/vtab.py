@@ -9,9 +9,10 @@ One folder per task under a common root::
     <root>/<task>/images/<split>/000000.jpg   (or .png)
 
 ``<task>`` is the canonical name (:data:`VTAB_TASKS`) or any alias in :data:`VTAB_INFO` (``cifar``,
-``oxford_pet``, dashed spellings such as ``clevr-count`` ...). Two protocols are used in the papers
-(:func:`splits_for`): ``tune`` trains on train800 and evaluates on val200 (hyper-parameter search);
-``final`` trains on train800val200 and reports top-1 on test.
+``oxford_pet``, dashed spellings such as ``clevr-count`` ...), or any other folder name: a custom task in the
+same layout, whose class count is given or read from its list files (:func:`infer_num_classes`). Two
+protocols are used in the papers (:func:`splits_for`): ``tune`` trains on train800 and evaluates on val200
+(hyper-parameter search); ``final`` trains on train800val200 and reports top-1 on test.
 
 The 19 tasks and their class counts follow Zhai et al. 2019 (arXiv:1910.04867) as implemented in
 google-research/task_adaptation; :func:`make_vtab_task_from_arrays` writes a task folder in the same layout
@@ -31,6 +32,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from .files import ImageReadError, load_rgb, pil_to_rgb, read_text
 
 SPLITS = ("train800", "val200", "train800val200", "test")
 MODES: dict[str, tuple[str, str]] = {"tune": ("train800", "val200"), "final": ("train800val200", "test")}
@@ -175,6 +178,11 @@ def find_task_dir(root: str | Path, task: str) -> Path:
     hint = ""
     if (root / "train800val200.txt").exists() or (root / "test.txt").exists():
         hint = "\nThe root itself looks like a task folder: pass its parent as the root."
+    try:
+        resolve_task(task)
+    except ValueError as e:  # not a VTAB name: maybe a misspelt one
+        if "did you mean" in str(e):
+            hint += "\n" + str(e).split(" Tasks:")[0].replace("unknown VTAB task", "note: task", 1)
     raise FileNotFoundError(
         f"no folder for VTAB task {task!r} under {str(root)!r} (tried: {', '.join(tried)}).\n"
         f"Folders found under the root: {shown}.{hint}\n{_LAYOUT}"
@@ -183,24 +191,66 @@ def find_task_dir(root: str | Path, task: str) -> Path:
 
 def pil_to_tensor(image: Image.Image) -> torch.Tensor:
     """Default transform (no torchvision): an RGB PIL image -> float32 tensor (3, H, W) in [0, 1]."""
-    arr = np.array(image.convert("RGB"), dtype=np.uint8)  # (H, W, 3), a writable copy
+    arr = np.array(pil_to_rgb(image), dtype=np.uint8)  # (H, W, 3), a writable copy
     return torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0)
+
+
+def _parse_list(f: Path) -> list[tuple[int, str, int]]:
+    """``(line number, image path, label)`` of every non-blank line of a VTAB list file (UTF-8, with or without a
+    byte-order mark); malformed lines raise ``ValueError`` naming the file and line."""
+    out: list[tuple[int, str, int]] = []
+    for lineno, line in enumerate(read_text(f, "VTAB list file").splitlines(), start=1):
+        text = line.strip()
+        if not text:
+            continue
+        parts = text.rsplit(maxsplit=1)
+        try:
+            if len(parts) != 2:
+                raise ValueError
+            label = int(parts[1])
+        except ValueError:
+            raise ValueError(
+                f"{f}:{lineno}: malformed line {text!r}; expected '<image path> <integer label>', "
+                "e.g. 'images/train800/000000.jpg 3'"
+            ) from None
+        if label < 0:
+            raise ValueError(f"{f}:{lineno}: negative label {label} (line {text!r}); labels are 0, 1, 2, ...")
+        out.append((lineno, parts[0], label))
+    return out
+
+
+def infer_num_classes(task_dir: str | Path) -> int:
+    """Class count of a custom task: the largest label in any of its list files (:data:`SPLITS`) plus one.
+
+    Raises:
+        FileNotFoundError: the folder holds none of the list files.
+        ValueError: a list file is malformed or lists no image.
+    """
+    task_dir = Path(task_dir)
+    lists = [task_dir / f"{s}.txt" for s in SPLITS if (task_dir / f"{s}.txt").is_file()]
+    if not lists:
+        raise FileNotFoundError(f"no VTAB list file in {str(task_dir)!r}.\n{_LAYOUT}")
+    labels = [label for f in lists for _, _, label in _parse_list(f)]
+    if not labels:
+        raise ValueError(f"the VTAB list files in {str(task_dir)!r} list no images")
+    return max(labels) + 1
 
 
 class VTABDataset(Dataset):
     """One split of one VTAB-1k task; items are ``(transform(image), label)``.
 
     The list file is parsed and checked when the dataset is built (every line well formed, every label in
-    ``[0, num_classes)``, every image file present); images are decoded lazily with PIL and converted to RGB.
+    ``[0, num_classes)``, every image file present); images are decoded lazily with PIL and converted to 8-bit RGB
+    (16-bit greyscale scaled, see :func:`~visionpeft.data.files.pil_to_rgb`).
 
     Args:
         root: folder holding one sub-folder per task.
-        task: canonical name or alias. A name that is not a VTAB task is accepted as a literal folder name
-            when ``num_classes`` is given (custom tasks in the same layout).
+        task: canonical name or alias, or any other folder name (a custom task in the same layout).
         split: ``train800``, ``val200``, ``train800val200`` or ``test``.
         transform: callable applied to the RGB PIL image; default :func:`pil_to_tensor` (float (3, H, W)
             in [0, 1]).
-        num_classes: overrides the official class count (labels are checked against it).
+        num_classes: overrides the official class count (labels are checked against it); for a custom task
+            ``None`` reads it from the task's list files (:func:`infer_num_classes`).
 
     Attributes:
         task: canonical (or custom) task name. task_dir, list_file: resolved paths. samples: list of
@@ -217,19 +267,20 @@ class VTABDataset(Dataset):
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown VTAB split {split!r}; use one of {', '.join(SPLITS)}")
+        if num_classes is not None and (isinstance(num_classes, bool) or int(num_classes) < 1):
+            raise ValueError(f"num_classes must be >= 1, got {num_classes!r}")
+        self.task_dir = find_task_dir(root, task)
         try:
             self.task = resolve_task(task)
-            official = VTAB_INFO[self.task].num_classes
-        except ValueError:
-            if num_classes is None:
-                raise
-            self.task, official = str(task), None
-        self.num_classes = int(num_classes if num_classes is not None else official)
-        if self.num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes!r}")
+            official: int | None = VTAB_INFO[self.task].num_classes
+        except ValueError:  # a custom task: its literal name, classes given or read from the lists
+            self.task, official = str(task).strip(), None
+        if num_classes is not None:
+            self.num_classes = int(num_classes)
+        else:
+            self.num_classes = official if official is not None else infer_num_classes(self.task_dir)
         self.split = split
         self.transform = transform if transform is not None else pil_to_tensor
-        self.task_dir = find_task_dir(root, task)
         self.list_file = self.task_dir / f"{split}.txt"
         self.samples = self._read_list()
         self.targets = [label for _, label in self.samples]
@@ -244,30 +295,16 @@ class VTABDataset(Dataset):
             )
         samples: list[tuple[Path, int]] = []
         missing: list[tuple[int, str]] = []
-        with open(f, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                text = line.strip()
-                if not text:
-                    continue
-                parts = text.rsplit(maxsplit=1)
-                try:
-                    if len(parts) != 2:
-                        raise ValueError
-                    label = int(parts[1])
-                except ValueError:
-                    raise ValueError(
-                        f"{f}:{lineno}: malformed line {text!r}; expected '<image path> <integer label>', "
-                        "e.g. 'images/train800/000000.jpg 3'"
-                    ) from None
-                if not 0 <= label < self.num_classes:
-                    raise ValueError(
-                        f"{f}:{lineno}: label {label} outside [0, {self.num_classes}) for task {self.task!r} "
-                        f"(line {text!r}); pass num_classes= if this is a custom task"
-                    )
-                path = self.task_dir / parts[0]
-                if not path.is_file():
-                    missing.append((lineno, parts[0]))
-                samples.append((path, label))
+        for lineno, rel, label in _parse_list(f):
+            if label >= self.num_classes:
+                raise ValueError(
+                    f"{f}:{lineno}: label {label} outside [0, {self.num_classes}) for task {self.task!r} "
+                    f"(line '{rel} {label}'); pass num_classes= (data.num_classes) if this is a custom task"
+                )
+            path = self.task_dir / rel
+            if not path.is_file():
+                missing.append((lineno, rel))
+            samples.append((path, label))
         if missing:
             lineno, rel = missing[0]
             raise FileNotFoundError(
@@ -282,13 +319,14 @@ class VTABDataset(Dataset):
         return len(self.samples)
 
     def load_image(self, index: int) -> Image.Image:
-        """The RGB PIL image of item ``index``; unreadable or corrupt files raise ``OSError`` naming the path."""
+        """The 8-bit RGB PIL image of item ``index``; unreadable or corrupt files raise
+        :class:`~visionpeft.data.files.ImageReadError` (an ``OSError``) naming the path."""
         path = self.samples[index][0]
         try:
-            with Image.open(path) as im:
-                return im.convert("RGB")  # forces the full decode inside the try
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            raise OSError(f"cannot read VTAB image {str(path)!r} (from {self.list_file.name}): {e}") from e
+            return load_rgb(path)
+        except ImageReadError as e:
+            cause = str(e).split(": ", 1)[1] if str(e).startswith("cannot read image") else str(e)
+            raise ImageReadError(f"cannot read VTAB image {str(path)!r} (from {self.list_file.name}): {cause}") from e
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         return self.transform(self.load_image(index)), self.samples[index][1]

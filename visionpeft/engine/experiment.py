@@ -40,9 +40,24 @@ class ModelConfig:
 
 @dataclasses.dataclass
 class DataConfig:
-    """Args: dataset: ``vtab`` or ``digits`` (the embedded default). root: dataset root. task: VTAB
-    task (aliases accepted). mode: ``tune`` (train800 -> val200) or ``final`` (train800val200 -> test).
-    img_size: resize target. batch_size: global batch. num_workers: loader processes per rank."""
+    """Args: dataset: ``vtab``, ``digits`` (the embedded default), ``imagefolder`` (``root/train/<class>/*``,
+    ``root/val/<class>/*`` or ``root/test/...``) or ``csv`` (``train_csv`` / ``eval_csv``). root: dataset root.
+    task: VTAB task (aliases accepted; any other name is a custom task folder in the VTAB layout). mode:
+    ``tune`` (train800 -> val200) or ``final`` (train800val200 -> test). img_size: resize target. batch_size:
+    global batch. num_workers: loader processes per rank.
+
+    num_classes: the data's class count (``None``: read from the data: VTAB list files, class folders, CSV
+    labels). train_csv, eval_csv: ``path,label`` CSVs for ``dataset: csv`` (label an integer or a class name;
+    image paths relative to the CSV's folder; a relative CSV path is taken from ``root`` when set).
+
+    Training augmentation (timm's transform factory; all off by default, so the VTAB protocol stays exact;
+    evaluation is never augmented): auto_augment: a timm policy such as ``rand-m9-mstd0.5`` (RandAugment),
+    ``original`` (AutoAugment), ``augmix-m5-w3``. random_resized_crop: ``[min, max]`` area fractions of a
+    random-resized crop (e.g. ``[0.08, 1.0]``; ``None``: the square resize). hflip, vflip: flip probabilities.
+    color_jitter: brightness / contrast / saturation strength (ignored with ``auto_augment``). random_erasing:
+    probability. mixup, cutmix: Beta alphas of timm's mixup / cutmix (0: off; e.g. 0.8 and 1.0), trained with
+    a soft-target cross-entropy. mixup_prob: probability to mix a batch. mixup_switch_prob: probability of
+    cutmix instead of mixup when both are on."""
 
     dataset: str = "vtab"
     root: str | None = None
@@ -53,6 +68,19 @@ class DataConfig:
     num_workers: int = 4
     mean: list[float] = dataclasses.field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = dataclasses.field(default_factory=lambda: [0.229, 0.224, 0.225])
+    num_classes: int | None = None
+    train_csv: str | None = None
+    eval_csv: str | None = None
+    auto_augment: str | None = None
+    random_resized_crop: list[float] | None = None
+    hflip: float = 0.0
+    vflip: float = 0.0
+    color_jitter: float = 0.0
+    random_erasing: float = 0.0
+    mixup: float = 0.0
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
 
 
 @dataclasses.dataclass

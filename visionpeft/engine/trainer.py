@@ -82,7 +82,7 @@ class Trainer:
     """
 
     def __init__(self, cfg: ExperimentConfig, resume: str | Path | None = None, progress: bool = True) -> None:
-        from ..data.build import build_datasets
+        from ..data.build import build_datasets, build_mixup
 
         self.cfg = cfg
         rt = cfg.runtime
@@ -100,6 +100,8 @@ class Trainer:
 
         self.train_set, self.eval_set, self.num_classes, self.task = build_datasets(cfg.data)
         self.peft = build_model(cfg, self.num_classes).to(self.device)
+        # mixup / cutmix of training batches (None: off); evaluation never mixes
+        self.mixup = build_mixup(cfg.data, cfg.model.num_classes or self.num_classes)
         self.model: nn.Module = self.peft
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -218,12 +220,14 @@ class Trainer:
             bar = tqdm(total=n_batches, desc=f"epoch {self.epoch + 1}/{cfg.schedule.epochs}", leave=False)
         for i, (x, y) in enumerate(self.train_loader):
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            if self.mixup is not None:  # soft targets (B, num_classes)
+                x, y = self.mixup(x, y)
             sync = (i + 1) % accum == 0 or i + 1 == n_batches
             ctx = self.model.no_sync() if (self.world > 1 and not sync) else contextlib.nullcontext()
             with ctx:
                 with self._autocast():
                     logits = self.model(x)
-                loss = F.cross_entropy(logits.float(), y)
+                loss = self.mixup.loss(logits.float(), y) if self.mixup else F.cross_entropy(logits.float(), y)
                 global_loss = all_reduce_sum(loss.detach().clone()) / self.world
                 if not torch.isfinite(global_loss):
                     ck = self.out / CKPT_NAME
@@ -347,6 +351,9 @@ class Trainer:
             if self.ema:
                 self.ema.swap(self.peft)
             self.peft.save_adapter(self.out / "adapter")
+            classes = getattr(self.train_set, "classes", None)
+            if classes:  # class names of ImageFolder / CSV data, for tools/predict.py
+                save_json(self.out / "adapter" / "classes.json", list(classes))
             if self.ema:
                 self.ema.swap(self.peft)
             save_json(self.out / "results.json", result)
