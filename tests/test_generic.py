@@ -26,8 +26,10 @@ def test_timm_model_without_spec_uses_patterns(tmp_path):
     torch.manual_seed(0)
     base = timm.create_model("test_efficientnet", num_classes=4).eval()
     assert vp.detect_backbone(base).name == "generic"
-    with pytest.raises(ValueError, match="needs the role"):
+    with pytest.raises(ValueError, match="needs blocks with a pre-norm MLP"):
         vp.get_peft_model(base, "adaptformer")
+    with pytest.raises(ValueError, match="needs the role"):
+        vp.get_peft_model(base, "adaptformer", placement="mlp")
     pm = vp.get_peft_model(base, vp.LoRAConfig(rank=2, targets=[r"blocks\.\d+\.\d+\.conv_pw"], init_weights=False))
     sites = list(pm._targets["default"].values())
     assert sites and all(s.endswith("conv_pw") for s in sites[:-1]) and sites[-1] == "classifier"

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import BACKBONES, ROWS, image, matrix, seeded, supported
+from conftest import BACKBONES, image, matrix, seeded, supported
 
 import visionpeft as vp
 

@@ -47,24 +47,30 @@ import visionpeft as vp
 ROOT = Path(__file__).resolve().parents[1]
 OTHER_LIMIT = 0.25  # CPU cores other processes may use while a worker measures
 
-# name -> (method, options); "peft_lora" is Hugging Face peft's LoRA on the same model
-CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "full": ("full", {}),
-    "peft_lora": ("peft_lora", {}),
-    "lora": ("lora", {"rank": 8}),
-    "lora_qv": ("lora", {"rank": 8, "qkv_slices": "qv"}),
-    "dora": ("dora", {"rank": 8}),
-    "adaptformer": ("adaptformer", {"bottleneck": 64, "scale": 0.1}),
-    "parallel_adapter": ("parallel_adapter", {"bottleneck": 64}),
-    "adapter_houlsby": ("adapter", {"bottleneck": 64, "placement": "houlsby"}),
-    "adapter_pfeiffer": ("adapter", {"bottleneck": 64, "placement": "pfeiffer"}),
-    "vpt": ("vpt", {"num_tokens": 10}),
-    "vpt_deep": ("vpt", {"num_tokens": 10, "deep": True}),
-    "bitfit": ("bitfit", {}),
-    "ssf": ("ssf", {}),
-    "ln_tune": ("ln_tune", {}),
-    "linear_probe": ("linear_probe", {}),
-}
+
+def configs() -> dict[str, tuple[str, dict[str, Any]]]:
+    """name -> (method, options): every method variant with full-scale options (the method table), plus
+    ``peft_lora``, Hugging Face peft's LoRA on the same model."""
+    out: dict[str, tuple[str, dict[str, Any]]] = {"peft_lora": ("peft_lora", {})}
+    for method in vp.list_methods():
+        for v in vp.get_method(method).variants:
+            if v.paper is not None:
+                out[v.id] = (method, dict(v.paper))
+    return out
+
+
+CONFIGS = configs()
+
+
+def supported(name: str, model_name: str, img_size: int) -> bool:
+    """Whether configuration ``name`` runs on the benchmark model (as its method declares)."""
+    method, options = CONFIGS[name]
+    if method == "peft_lora":
+        return True
+    with torch.device("meta"):
+        model = timm.create_model(model_name, pretrained=False, num_classes=100, img_size=img_size)
+    cls = vp.get_method(method)
+    return cls.unsupported_reason(model, vp.detect_backbone(model), cls.config_cls.from_dict(options)) is None
 
 
 class RSSSampler:
@@ -396,7 +402,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--model", default="vit_base_patch16_224")
     p.add_argument("--img-size", type=int, default=224)
-    p.add_argument("--methods", default=",".join(CONFIGS), help=f"comma-separated subset of {', '.join(CONFIGS)}")
+    p.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma-separated subset of {', '.join(CONFIGS)} (default: those the model supports)",
+    )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default="out/benchmark.json")
     p.add_argument("--docs", default="docs/benchmarks.md")
@@ -412,7 +422,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         print(json.dumps(worker(args.worker, args)), flush=True)
         return 0
-    names = [n.strip() for n in args.methods.split(",") if n.strip()]
+    if args.methods is None:
+        names = [n for n in CONFIGS if supported(n, args.model, args.img_size)]
+    else:
+        names = [n.strip() for n in args.methods.split(",") if n.strip()]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         p.error(f"unknown configuration(s) {unknown}; choose from {', '.join(CONFIGS)}")

@@ -18,10 +18,11 @@ from .backbones import BackboneSpec, detect_backbone
 from .config import MethodConfig
 from .methods.adapter import AdapterConfig
 from .methods.adaptformer import AdaptFormerConfig
-from .methods.baselines import FullFinetuneConfig, LinearProbeConfig
 from .methods.bitfit import BitFitConfig
 from .methods.conv_adapter import ConvAdapterConfig
 from .methods.dora import DoRAConfig
+from .methods.full import FullFinetuneConfig
+from .methods.linear_probe import LinearProbeConfig
 from .methods.ln_tune import LNTuneConfig
 from .methods.lora import LoRAConfig
 from .methods.parallel_adapter import ParallelAdapterConfig

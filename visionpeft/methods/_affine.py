@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+
 import torch
 import torch.nn as nn
 
@@ -56,7 +57,11 @@ def scale_rows_(weight: torch.Tensor, gamma: torch.Tensor) -> None:
 
 
 def non_head_sites(
-    model: nn.Module, spec: BackboneSpec, cfg: MethodConfig, what: str, accept: Callable[[nn.Module], bool] = affine_site
+    model: nn.Module,
+    spec: BackboneSpec,
+    cfg: MethodConfig,
+    what: str,
+    accept: Callable[[nn.Module], bool] = affine_site,
 ) -> list[Site]:
     """Every module of the backbone that ``accept`` takes, except the classification head(s), as sites."""
 

@@ -58,7 +58,8 @@ class Variant:
         lr: AdamW learning rate that adapts the embedded digits backbone with these options.
         backbone: the embedded digits backbone it learns on (``vit`` or ``resnet``).
         paper: options at full scale (VTAB-1k configs, benchmark); ``None``: not generated there.
-        stem: config file-name stem for ``paper`` (``lora-r8-qv``).
+        stem: config file-name stem for ``paper`` (``lora-r8-qv``); ``None``: the method's name.
+        paper_lr: learning rate of the generated configs (``None``: the base config's).
     """
 
     id: str
@@ -67,6 +68,7 @@ class Variant:
     backbone: str = "vit"
     paper: dict[str, Any] | None = None
     stem: str | None = None
+    paper_lr: float | None = None
 
 
 class AdapterLayer(nn.Module):
@@ -222,7 +224,9 @@ class Method:
             return list(cfg.targets)
         t = cls.default_targets(spec, cfg)
         if t is None:
-            raise ValueError(cls.unsupported_reason(None, spec, cfg) or f"{cls.name}: no default targets on {spec.name}")
+            raise ValueError(
+                cls.unsupported_reason(None, spec, cfg) or f"{cls.name}: no default targets on {spec.name}"
+            )
         return t
 
     @classmethod

@@ -67,7 +67,7 @@ class Bottleneck(AdapterLayer):
         return self._parameters[f"{self.prefix}_{part}"]
 
     def branch(self, x: torch.Tensor, layout: str) -> torch.Tensor:
-        """``scale * up(dropout(act(down(x))))``: (..., C_in) -> (..., C_out), or (B, C_in, H, W) -> (B, C_out, H, W)."""
+        """``scale * up(dropout(act(down(x))))``: (..., C_in) -> (..., C_out); (B, C_in, H, W) -> (B, C_out, H, W)."""
         down, up = self._p("down"), self._p("up")
         x = x.to(down.dtype)
         if layout == "NCHW":

@@ -56,7 +56,13 @@ class AdaptFormer(Method):
     paper = "AdaptFormer: Adapting Vision Transformers for Scalable Visual Recognition (arXiv:2205.13535)"
     default_roles = (("mlp",),)
     variants = (
-        Variant("adaptformer", {"bottleneck": 16, "scale": 0.5}, lr=1e-2, paper={"bottleneck": 64, "scale": 0.1}),
+        Variant(
+            "adaptformer",
+            {"bottleneck": 16, "scale": 0.5},
+            lr=1e-2,
+            paper={"bottleneck": 64, "scale": 0.1},
+            stem="adaptformer-b64",
+        ),
         Variant(
             "adaptformer_mlp",
             {"bottleneck": 16, "scale": 0.5, "placement": "mlp"},

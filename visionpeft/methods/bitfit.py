@@ -12,7 +12,6 @@ weights stay frozen and untouched; merging adds it to the bias. Initialisation: 
 from __future__ import annotations
 
 import dataclasses
-
 from typing import Any
 
 import torch

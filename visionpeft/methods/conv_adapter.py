@@ -185,7 +185,9 @@ class ConvAdapter(Method):
             return None
         role = cls._role(spec, cfg)
         if role is None or (cfg.level == "conv" and spec.conv_tap is None):
-            return f"conv_adapter level={cfg.level!r} needs conv blocks with a spatial convolution; {spec.name} has none"
+            return (
+                f"conv_adapter level={cfg.level!r} needs conv blocks with a spatial convolution; {spec.name} has none"
+            )
         if spec.layouts.get(role) != "NCHW":
             return f"conv_adapter needs NCHW feature maps; {spec.name} {role}s use {spec.layouts.get(role)}"
         return None

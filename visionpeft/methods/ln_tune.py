@@ -12,7 +12,6 @@ deltas to them. Initialisation: zero (identity).
 from __future__ import annotations
 
 import dataclasses
-
 from typing import Any
 
 import torch

@@ -49,7 +49,9 @@ class SSFLayer(AdapterLayer):
     def merge(self, target: nn.Module) -> None:
         scale_rows_(target.weight, self.ssf_scale)
         if target.bias is None:  # the shift needs a bias to live in
-            target.bias = nn.Parameter(torch.zeros_like(self.ssf_shift, dtype=target.weight.dtype), requires_grad=False)
+            target.bias = nn.Parameter(
+                torch.zeros_like(self.ssf_shift, dtype=target.weight.dtype), requires_grad=False
+            )
             self._created_bias = True
         target.bias.mul_(self.ssf_scale.to(target.bias.dtype)).add_(self.ssf_shift.to(target.bias.dtype))
 

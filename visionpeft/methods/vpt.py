@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-
 from typing import Any
 
 import torch
@@ -41,7 +40,9 @@ class VPTConfig(MethodConfig):
 
     def validate(self) -> None:
         if self.targets is not None:
-            raise ValueError("VPTConfig: vpt places prompts before blocks; select blocks with layers=[...], not targets")
+            raise ValueError(
+                "VPTConfig: vpt places prompts before blocks; select blocks with layers=[...], not targets"
+            )
 
 
 class VPTLayer(AdapterLayer):
@@ -86,7 +87,9 @@ class VPT(Method):
     identity_at_init = False
     default_roles = (("block",),)
     variants = (
-        Variant("vpt_shallow", {"num_tokens": 4}, lr=1e-1, paper={"num_tokens": 10, "dropout": 0.1}, stem="vpt-shallow-t10"),
+        Variant(
+            "vpt_shallow", {"num_tokens": 4}, lr=1e-1, paper={"num_tokens": 10, "dropout": 0.1}, stem="vpt-shallow-t10"
+        ),
         Variant(
             "vpt_deep",
             {"num_tokens": 4, "deep": True},

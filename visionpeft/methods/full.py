@@ -1,8 +1,8 @@
-"""Baselines expressed through the same API: linear probing and full fine-tuning.
+"""Full fine-tuning: the baseline that trains every base parameter.
 
-Linear probe: nothing is attached; only the ``modules_to_save`` (the classification head by default)
-train. Full fine-tuning: every base parameter trains in place (the head as a saved copy), and
-``save_adapter`` writes all of them, so both baselines run through the same code path as the methods.
+Every base parameter trains in place (the head as a saved copy), and ``save_adapter`` writes all of them
+(``base_model.<name>``), so the baseline runs through the same code path as the methods. A baseline of
+the PEFT papers (e.g. VPT, Jia et al. 2022, arXiv:2203.12119, Table 1).
 """
 
 from __future__ import annotations
@@ -19,38 +19,8 @@ from ._base import Method, Site, Variant
 
 
 @dataclasses.dataclass
-class LinearProbeConfig(MethodConfig):
-    """Only ``modules_to_save`` (default: the head) train."""
-
-
-@dataclasses.dataclass
 class FullFinetuneConfig(MethodConfig):
     """Every base parameter trains (``exclude`` removes module-name patterns from the trained set)."""
-
-
-@register_method("linear_probe")
-class LinearProbe(Method):
-    config_cls = LinearProbeConfig
-    paper = "linear probing baseline"
-    mergeable = True
-    variants = (Variant("linear_probe", {}, lr=1e-1, paper={}),)
-
-    @classmethod
-    def unsupported_reason(cls, model: nn.Module | None, spec: BackboneSpec, cfg: LinearProbeConfig) -> str | None:
-        if model is not None and cfg.modules_to_save is None and not spec.head(model):
-            return (
-                "linear_probe needs a classification head (create the model with num_classes > 0) or modules_to_save"
-            )
-        return None
-
-    @classmethod
-    def sites(cls, model: nn.Module, spec: BackboneSpec, cfg: LinearProbeConfig) -> list[Site]:
-        return []
-
-    @classmethod
-    def param_count(cls, model: nn.Module, sites: list[Site], cfg: LinearProbeConfig) -> int:
-        """Nothing beyond the head."""
-        return 0
 
 
 @register_method("full")
@@ -59,7 +29,7 @@ class FullFinetune(Method):
     paper = "full fine-tuning baseline"
     mergeable = True
     trains_base = True
-    variants = (Variant("full", {}, lr=3e-3, paper={}),)
+    variants = (Variant("full", {}, lr=3e-3, paper={}, paper_lr=1e-4),)
 
     @classmethod
     def sites(cls, model: nn.Module, spec: BackboneSpec, cfg: FullFinetuneConfig) -> list[Site]:
