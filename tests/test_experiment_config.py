@@ -20,7 +20,9 @@ def test_base_and_overrides(tmp_path):
     cfg_file = _write(
         tmp_path / "run.yaml", {"_base_": "base.yaml", "method": {"name": "adaptformer", "bottleneck": 8}}
     )
-    cfg = load_config(cfg_file, ["optimizer.lr=3e-4", "schedule.epochs=5", "method.scale=0.5"])
+    cfg = load_config(
+        cfg_file, ["optimizer.lr=3e-4", "schedule.epochs=5", "schedule.warmup_epochs=1", "method.scale=0.5"]
+    )
     assert cfg.model.name == "test_vit"
     assert cfg.optimizer.lr == 3e-4 and cfg.schedule.epochs == 5
     assert cfg.method.method == "adaptformer" and cfg.method.bottleneck == 8 and cfg.method.scale == 0.5

@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     from visionpeft.data.build import build_datasets
     from visionpeft.engine.build import build_backbone
     from visionpeft.engine.experiment import ConfigError, load_config
-    from visionpeft.engine.trainer import evaluation_sums, seed_everything, summarize
+    from visionpeft.engine.trainer import error_message, evaluation_sums, json_safe, seed_everything, summarize
 
     overrides = list(args.overrides) + ([f"data.root={args.data_root}"] if args.data_root else [])
     adapter = Path(args.adapter)
@@ -47,13 +47,15 @@ def main(argv: list[str] | None = None) -> int:
         seed_everything(cfg.runtime.seed)  # the same base weights as training when they are random
         _, eval_set, num_classes, task = build_datasets(cfg.data)
         model = vp.load_adapter(build_backbone(cfg.model, num_classes), adapter)
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        device = "cuda" if torch.cuda.is_available() and cfg.runtime.device != "cpu" else "cpu"
+        model.to(device)
+        loader = torch.utils.data.DataLoader(
+            eval_set, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers
+        )
+        metrics = summarize(evaluation_sums(model, loader, torch.device(device)))
+    except (ConfigError, OSError, ValueError) as e:  # OSError: missing or unreadable files, corrupt images
+        print(f"error: {error_message(e)}", file=sys.stderr)
         return 2
-    device = "cuda" if torch.cuda.is_available() and cfg.runtime.device != "cpu" else "cpu"
-    model.to(device)
-    loader = torch.utils.data.DataLoader(eval_set, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers)
-    metrics = summarize(evaluation_sums(model, loader, torch.device(device)))
     method = model.peft_config[model.active_adapter].method  # the adapter file decides, not the config
     metrics = {
         "task": task,
@@ -63,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"{task}: top1 {metrics['top1']:.2f}% on {metrics['eval_samples']} images ({method}, {adapter})")
     if args.out:
-        Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+        Path(args.out).write_text(json.dumps(json_safe(metrics), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return 0
 
 

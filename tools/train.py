@@ -7,10 +7,15 @@ Examples::
         --data-root /data/vtab-1k --set model.pretrained_file=/ckpt/vit_b16_in21k.safetensors
     torchrun --nproc-per-node 8 tools/train.py --config ...
     python tools/train.py --config ... --resume out/run1/last.ckpt
+    python tools/train.py --config ... --restart                # start over in a run folder that has a checkpoint
     python tools/train.py --config configs/demo/*.yaml          # several runs, compared side by side
 
 Each run writes into its ``runtime.out_dir``: ``config.yaml`` (resolved), ``log.jsonl``, ``tb/``,
-``last.ckpt``, ``adapter/`` and ``results.json``.
+``last.ckpt``, ``adapter/`` and ``results.json``. A run folder that already holds ``last.ckpt`` is
+continued only with ``--resume`` and started over only with ``--restart``.
+
+Exit codes: 0 done, 2 bad input (config, data, weights file, unreadable image, existing run folder),
+3 the run went non-finite (the last good checkpoint is kept).
 """
 
 from __future__ import annotations
@@ -36,7 +41,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="override a config value, e.g. --set optimizer.lr=1e-3 (repeatable)",
     )
     p.add_argument("--resume", help="checkpoint (last.ckpt) to continue from; only with one config")
-    p.add_argument("--max-epochs", type=int, help="stop after this many more epochs (the schedule keeps its length)")
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="start over in a run folder that already holds a checkpoint (deletes its checkpoint, logs, results)",
+    )
+    p.add_argument(
+        "--max-epochs",
+        type=int,
+        help="stop after this many more epochs (the schedule keeps its length); last.ckpt is written on stopping",
+    )
     p.add_argument("--no-progress", action="store_true", help="print log lines instead of a progress bar")
     return p.parse_args(argv)
 
@@ -55,10 +69,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from visionpeft.engine.experiment import ConfigError, load_config
-    from visionpeft.engine.trainer import NonFiniteLossError, Trainer
+    from visionpeft.engine.trainer import NonFiniteLossError, Trainer, error_message
 
     if args.resume and len(args.config) > 1:
         print("error: --resume takes exactly one --config", file=sys.stderr)
+        return 2
+    if args.resume and args.restart:
+        print("error: --resume and --restart exclude each other (continue a run, or start it over)", file=sys.stderr)
+        return 2
+    if args.max_epochs is not None and args.max_epochs < 1:
+        print(f"error: --max-epochs must be >= 1, got {args.max_epochs}", file=sys.stderr)
         return 2
     results = []
     for path in args.config:
@@ -70,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
             overrides.append(f"runtime.out_dir={out}")
         try:
             cfg = load_config(path, overrides)
-            trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress)
+            trainer = Trainer(cfg, resume=args.resume, progress=not args.no_progress, restart=args.restart)
             if trainer.main:
                 t, n = trainer.peft.get_nb_trainable_parameters()
                 print(
@@ -80,11 +100,11 @@ def run(args: argparse.Namespace) -> int:
                     flush=True,
                 )
             result = trainer.fit(max_epochs=args.max_epochs)
-        except (ConfigError, FileNotFoundError, ValueError) as e:
-            print(f"error: {e}", file=sys.stderr)
+        except (ConfigError, OSError, ValueError) as e:  # OSError: missing or unreadable files, corrupt images
+            print(f"error: {error_message(e)}", file=sys.stderr)
             return 2
         except NonFiniteLossError as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {error_message(e)}", file=sys.stderr)
             return 3
         if result and trainer.main:
             results.append(result)

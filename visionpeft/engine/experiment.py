@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from pathlib import Path
@@ -21,6 +22,36 @@ import yaml
 
 from .._registry import get_method
 from ..config import MethodConfig
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and suggests a fix."""
+
+
+def _finite(key: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
+
+
+def _positive(key: str, value: float | None, optional: bool = False) -> None:
+    """``value > 0`` (``None`` allowed when ``optional``), with the config key in the message."""
+    if value is None and optional:
+        return
+    _finite(key, value)
+    if value <= 0:
+        raise ConfigError(f"{key} must be > 0{' (or null for none)' if optional else ''}, got {value!r}")
+
+
+def _at_least(key: str, value: int | None, low: int, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if value < low:
+        raise ConfigError(f"{key} must be >= {low}, got {value!r}")
+
+
+def _one_of(key: str, value: str, choices: tuple[str, ...], hint: str = "") -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}, got {value!r}{hint}")
 
 
 @dataclasses.dataclass
@@ -36,6 +67,10 @@ class ModelConfig:
     num_classes: int | None = None
     img_size: int | None = None
     kwargs: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _at_least("model.num_classes", self.num_classes, 1, optional=True)
+        _at_least("model.img_size", self.img_size, 1, optional=True)
 
 
 @dataclasses.dataclass
@@ -82,6 +117,20 @@ class DataConfig:
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
 
+    def __post_init__(self) -> None:
+        _one_of(
+            "data.mode", self.mode, ("tune", "final"), " (tune: train800 -> val200, final: train800val200 -> test)"
+        )
+        _at_least("data.img_size", self.img_size, 1)
+        _at_least("data.batch_size", self.batch_size, 1)
+        _at_least("data.num_workers", self.num_workers, 0)
+        if len(self.mean) != len(self.std):
+            raise ConfigError(f"data.mean and data.std must have the same length, got {self.mean} and {self.std}")
+        for i, v in enumerate(self.std):
+            _positive(f"data.std[{i}]", v)
+        for i, v in enumerate(self.mean):
+            _finite(f"data.mean[{i}]", v)
+
 
 @dataclasses.dataclass
 class OptimizerConfig:
@@ -95,6 +144,17 @@ class OptimizerConfig:
     grad_accum: int = 1
     clip_grad: float | None = None
 
+    def __post_init__(self) -> None:
+        _positive("optimizer.lr", self.lr)
+        _positive("optimizer.head_lr", self.head_lr, optional=True)
+        _finite("optimizer.weight_decay", self.weight_decay)
+        if self.weight_decay < 0:
+            raise ConfigError(f"optimizer.weight_decay must be >= 0, got {self.weight_decay!r}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"optimizer.betas must be two numbers in [0, 1), e.g. [0.9, 0.999], got {self.betas!r}")
+        _at_least("optimizer.grad_accum", self.grad_accum, 1)
+        _positive("optimizer.clip_grad", self.clip_grad, optional=True)
+
 
 @dataclasses.dataclass
 class ScheduleConfig:
@@ -103,6 +163,16 @@ class ScheduleConfig:
     epochs: int = 100
     warmup_epochs: int = 10
     min_lr: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _at_least("schedule.epochs", self.epochs, 1)
+        if not 0 <= self.warmup_epochs <= self.epochs:
+            raise ConfigError(
+                f"schedule.warmup_epochs must be in [0, schedule.epochs={self.epochs}], got {self.warmup_epochs!r}"
+            )
+        _finite("schedule.min_lr", self.min_lr)
+        if self.min_lr < 0:
+            raise ConfigError(f"schedule.min_lr must be >= 0, got {self.min_lr!r}")
 
 
 @dataclasses.dataclass
@@ -119,6 +189,18 @@ class RuntimeConfig:
     log_every: int = 10
     eval_every: int = 10
     threads: int | None = None
+
+    def __post_init__(self) -> None:
+        hint = " (a GPU is 'cuda'; pick one with CUDA_VISIBLE_DEVICES, torchrun gives each process its own)"
+        _one_of("runtime.device", self.device, ("auto", "cpu", "cuda"), hint)
+        _one_of("runtime.amp", self.amp, ("none", "bf16", "fp16"))
+        if self.ema is not None:
+            _finite("runtime.ema", self.ema)
+            if not 0.0 < self.ema < 1.0:
+                raise ConfigError(f"runtime.ema must be in (0, 1) (e.g. 0.999), or null for no EMA, got {self.ema!r}")
+        for key in ("ckpt_every", "log_every", "eval_every"):
+            _at_least(f"runtime.{key}", getattr(self, key), 1)
+        _at_least("runtime.threads", self.threads, 1, optional=True)
 
 
 SECTIONS = {
@@ -146,10 +228,6 @@ class ExperimentConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the key and suggests a fix."""
 
 
 def _suggest(key: str, names: list[str]) -> str:
@@ -218,6 +296,8 @@ def _build(cls: type, data: dict[str, Any], section: str) -> Any:
         kwargs[key] = _check_type(f"{section}.{key}", value, hints[key])
     try:
         return cls(**kwargs)
+    except ConfigError:
+        raise  # __post_init__ names the key already
     except (TypeError, ValueError) as e:
         raise ConfigError(f"section {section!r}: {e}") from e
 
@@ -257,16 +337,26 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
         raise ConfigError(f"cannot parse {path}: {e}") from e
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     base = data.pop("_base_", None)
     if base is not None:
+        if not isinstance(base, str) or not base.strip():
+            raise ConfigError(
+                f"{path}: _base_ must be one file name (a string, relative to this file), got {base!r}"
+                f" ({type(base).__name__}); a config has at most one base"
+            )
         base_path = (path.parent / base).resolve()
         if not base_path.is_file():
             raise ConfigError(f"{path}: _base_ file not found: {base_path}")
-        base_data = yaml.safe_load(base_path.read_text(encoding="utf-8")) or {}
+        try:
+            base_data = yaml.safe_load(base_path.read_text(encoding="utf-8")) or {}
+        except (yaml.YAMLError, UnicodeDecodeError, OSError) as e:
+            raise ConfigError(f"cannot parse {base_path} (the _base_ of {path}): {e}") from e
+        if not isinstance(base_data, dict):
+            raise ConfigError(f"{base_path} (the _base_ of {path}): the top level must be a mapping")
         if "_base_" in base_data:
             raise ConfigError(f"{base_path}: a _base_ file may not have a _base_ of its own (one level at most)")
         data = _deep_merge(base_data, data)
@@ -284,7 +374,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if len(parts) != 2:
             raise ConfigError(f"override key {key!r} must be section.key (e.g. optimizer.lr)")
         section, name = parts
-        value = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({e.problem or e})") from None
         data.setdefault(section, {})
         if not isinstance(data[section], dict):
             raise ConfigError(f"override {item!r}: {section!r} is not a section")

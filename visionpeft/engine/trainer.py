@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,8 +32,44 @@ from .optim import EMA, cosine_factor, param_groups, set_lr
 CKPT_NAME = "last.ckpt"
 
 
+# what a run folder holds besides config.yaml; --restart removes these
+RUN_OUTPUTS = (CKPT_NAME, "log.jsonl", "results.json", "tb", "adapter")
+
+
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the run stopped and the last good checkpoint was kept."""
+    """The loss, a parameter or the evaluation loss became NaN or infinite; the run stopped and the last
+    checkpoint written from a finite state was kept."""
+
+
+class RunExistsError(ValueError):
+    """The run folder already holds a checkpoint, and neither ``resume`` nor ``restart`` was given."""
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN / infinite float replaced by ``None``, so that strict JSON parsers read it."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def json_line(record: dict[str, Any]) -> str:
+    """One line of ``log.jsonl``: strict JSON (non-finite numbers become ``null``)."""
+    return json.dumps(json_safe(record), allow_nan=False)
+
+
+def error_message(e: BaseException) -> str:
+    """The message of ``e`` for the user, with its notes. An error re-raised by a DataLoader worker carries
+    the worker's whole traceback as its message: it is reduced to the last line, the original exception
+    (which names the unreadable file)."""
+    text = str(e)
+    if "Original Traceback" in text:
+        lines = [line for line in text.strip().splitlines() if line.strip()]
+        text = lines[-1] if lines else text
+    return "\n".join([text, *getattr(e, "__notes__", [])])
 
 
 def seed_everything(seed: int) -> None:
@@ -75,13 +113,25 @@ def summarize(stats: torch.Tensor) -> dict[str, float]:
 class Trainer:
     """Train and evaluate one adapted model as described by an :class:`ExperimentConfig`.
 
+    A run folder that already holds a checkpoint is continued only when asked (``resume``) or started
+    over only when asked (``restart``); otherwise :class:`RunExistsError` is raised, so that running a
+    command twice never replaces a later checkpoint with an earlier one.
+
     Args:
         cfg: the resolved experiment config.
         resume: a ``last.ckpt`` to continue from (its config must match, paths aside).
         progress: show a progress bar on an interactive terminal (rank 0).
+        restart: start over in a run folder that holds a checkpoint (its checkpoint, logs, results and
+            adapter are deleted).
     """
 
-    def __init__(self, cfg: ExperimentConfig, resume: str | Path | None = None, progress: bool = True) -> None:
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        resume: str | Path | None = None,
+        progress: bool = True,
+        restart: bool = False,
+    ) -> None:
         from ..data.build import build_datasets, build_mixup
 
         self.cfg = cfg
@@ -96,6 +146,10 @@ class Trainer:
         self.main = self.rank == 0
         self.out = Path(rt.out_dir)
         self.progress = progress and self.main and sys.stderr.isatty()
+        if resume is not None and restart:
+            raise ValueError("resume and restart exclude each other: continue a run, or start it over")
+        self._prepare_run_folder(resume is not None, restart)
+        self.last_good: tuple[Path, int] | None = None  # the newest checkpoint written from a finite state
         seed_everything(rt.seed)
 
         self.train_set, self.eval_set, self.num_classes, self.task = build_datasets(cfg.data)
@@ -103,6 +157,7 @@ class Trainer:
         # mixup / cutmix of training batches (None: off); evaluation never mixes
         self.mixup = build_mixup(cfg.data, cfg.model.num_classes or self.num_classes)
         self.model: nn.Module = self.peft
+        self._trainable = [p for p in self.peft.parameters() if p.requires_grad]
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.peft, device_ids=ids)
@@ -140,6 +195,26 @@ class Trainer:
             self._resume(Path(resume))
 
     # checkpoints ---------------------------------------------------------------------------------
+    def _prepare_run_folder(self, resuming: bool, restart: bool) -> None:
+        """Refuse to overwrite a run folder's checkpoint unless resuming; ``restart`` clears the folder."""
+        ckpt = self.out / CKPT_NAME
+        exists = ckpt.exists()
+        barrier()  # every rank has looked before rank 0 deletes anything
+        if exists and not resuming and not restart:
+            raise RunExistsError(
+                f"the run folder {self.out} already holds a checkpoint ({ckpt}, epoch "
+                f"{self.epoch_of_checkpoint(ckpt)}); continue it with --resume {ckpt}, or start over with "
+                "--restart (deletes its checkpoint, logs and results), or choose another --out"
+            )
+        if restart and self.main:
+            for name in RUN_OUTPUTS:
+                path = self.out / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path)
+                elif path.exists() or path.is_symlink():
+                    path.unlink()
+        barrier()
+
     def _state(self) -> dict[str, Any]:
         return {
             "format": 1,
@@ -150,7 +225,7 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.scaler else None,
             "ema": self.ema.state_dict() if self.ema else None,
             "rng": rng_state(),
-            "history": json.dumps(self.history),
+            "history": json.dumps(json_safe(self.history), allow_nan=False),
             "config": self.cfg.to_dict(),
         }
 
@@ -174,12 +249,29 @@ class Trainer:
         set_rng_state(state["rng"])
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.history = json.loads(state.get("history", "[]"))
+        self.last_good = (path, self.epoch)
         self._log({"event": "resume", "from": str(path), "epoch": self.epoch, "step": self.step})
 
-    def save_checkpoint(self) -> None:
-        if self.main:
-            save_checkpoint(self.out / CKPT_NAME, self._state())
-        barrier()
+    def save_checkpoint(self, sync: bool = True) -> None:
+        """Write ``last.ckpt`` (rank 0; with ``sync=False`` the calling rank, without a barrier: for the
+        error path, where the other ranks may not reach a barrier). Called only from a finite state."""
+        path = self.out / CKPT_NAME
+        if self.main or not sync:
+            save_checkpoint(path, self._state())
+        self.last_good = (path, self.epoch)
+        if sync:
+            barrier()
+
+    def _non_finite(self, what: str) -> NonFiniteLossError:
+        """Log the event and build the error that names the last good checkpoint."""
+        self._log({"event": "non_finite", "what": what, "epoch": self.epoch + 1, "step": self.step})
+        if self.last_good is None:
+            where = "none written yet (the run folder holds no checkpoint of this run)"
+        else:
+            where = f"{self.last_good[0]} (epoch {self.last_good[1]})"
+        return NonFiniteLossError(
+            f"{what}; the run stopped. Last good checkpoint: {where}. Lower optimizer.lr or set optimizer.clip_grad."
+        )
 
     # logging -------------------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
@@ -187,7 +279,7 @@ class Trainer:
             return
         self.out.mkdir(parents=True, exist_ok=True)
         with open(self.out / "log.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(json_line(record) + "\n")
         if self._tb is None:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -197,7 +289,7 @@ class Trainer:
                 self._tb = False
         if self._tb:
             for k, v in record.items():
-                if isinstance(v, (int, float)) and k not in ("epoch", "step"):
+                if isinstance(v, (int, float)) and math.isfinite(v) and k not in ("epoch", "step"):
                     self._tb.add_scalar(k, v, record.get("step", self.step))
 
     # training ------------------------------------------------------------------------------------
@@ -230,12 +322,8 @@ class Trainer:
                 loss = self.mixup.loss(logits.float(), y) if self.mixup else F.cross_entropy(logits.float(), y)
                 global_loss = all_reduce_sum(loss.detach().clone()) / self.world
                 if not torch.isfinite(global_loss):
-                    ck = self.out / CKPT_NAME
-                    where = f"{ck} (epoch {self.epoch_of_checkpoint(ck)})" if ck.exists() else "none written yet"
-                    raise NonFiniteLossError(
-                        f"non-finite loss {global_loss.item()} at epoch {self.epoch + 1}, step {self.step}; "
-                        f"the run stopped. Last good checkpoint: {where}. "
-                        f"Lower optimizer.lr or set optimizer.clip_grad."
+                    raise self._non_finite(
+                        f"non-finite loss {global_loss.item()} at epoch {self.epoch + 1}, step {self.step}"
                     )
                 scaled = loss / accum
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
@@ -275,15 +363,33 @@ class Trainer:
                 self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_([p for p in self.peft.parameters() if p.requires_grad], o.clip_grad)
         set_lr(self.optimizer, cosine_factor(self.step, self.total_steps, self.warmup_steps, self.min_ratio))
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
+        try:
+            if self.scaler:
+                self.scaler.step(self.optimizer)
+                self.scaler.update()
+            else:
+                self.optimizer.step()
+        except RuntimeError as e:  # AdamW's step size itself overflows float32 with an absurd lr
+            if "overflow" not in str(e):
+                raise
+            raise self._non_finite(f"optimizer step {self.step} overflowed ({e})") from None
         self.optimizer.zero_grad(set_to_none=True)
+        self._check_parameters()
         self.step += 1
         if self.ema:
             self.ema.update(self.peft)
+
+    @torch.no_grad()
+    def _check_parameters(self) -> None:
+        """Stop when an optimizer step left a trainable parameter NaN or infinite (one device sync)."""
+        if not self._trainable or torch.stack([torch.isfinite(p).all() for p in self._trainable]).all():
+            return
+        bad = [n for n, p in self.peft.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise self._non_finite(
+            f"non-finite parameters after optimizer step {self.step + 1} (epoch {self.epoch + 1}): "
+            f"{', '.join(bad[:3])}{more}"
+        )
 
     @staticmethod
     def epoch_of_checkpoint(path: Path) -> int | str:
@@ -296,13 +402,26 @@ class Trainer:
         """Top-1 accuracy (percent) and mean loss over the evaluation split, every sample counted once."""
         if self.ema:
             self.ema.swap(self.peft)
-        stats = evaluation_sums(self.peft, self.eval_loader, self.device, self._autocast)
-        if self.ema:
-            self.ema.swap(self.peft)
-        return summarize(all_reduce_sum(stats))
+        try:
+            stats = evaluation_sums(self.peft, self.eval_loader, self.device, self._autocast)
+        finally:
+            if self.ema:
+                self.ema.swap(self.peft)
+        metrics = summarize(all_reduce_sum(stats))
+        if not math.isfinite(metrics["eval_loss"]):
+            raise self._non_finite(f"non-finite evaluation loss {metrics['eval_loss']} after epoch {self.epoch}")
+        return metrics
 
     def fit(self, max_epochs: int | None = None) -> dict[str, Any]:
-        """Train until ``schedule.epochs`` (or ``max_epochs`` more epochs), evaluating and checkpointing."""
+        """Train until ``schedule.epochs`` (or ``max_epochs`` more epochs), evaluating and checkpointing.
+
+        A checkpoint is written every ``runtime.ckpt_every`` epochs, at the last epoch and whenever the run
+        stops early (``max_epochs``), always from a finite state: a non-finite loss, parameter or evaluation
+        loss stops the run before its epoch is checkpointed. When the evaluation fails for another reason
+        (an unreadable image), the epoch's trained state is checkpointed before the error is passed on.
+        """
+        if max_epochs is not None and max_epochs < 1:
+            raise ValueError(f"max_epochs must be >= 1, got {max_epochs}")
         cfg, rt = self.cfg, self.cfg.runtime
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -315,18 +434,36 @@ class Trainer:
             self.epoch += 1
             last = self.epoch == cfg.schedule.epochs
             rec = {"epoch": self.epoch, "step": self.step, "train_loss": train_loss}
-            if last or self.epoch % max(1, rt.eval_every) == 0:
-                metrics = self.evaluate()
+            if last or self.epoch % rt.eval_every == 0:
+                metrics = self._evaluate_or_keep(rec)
                 rec.update(metrics)
             self.history.append(rec)
             self._log(rec)
             if self.main:
                 extra = f" top1 {metrics['top1']:.2f}" if "top1" in rec else ""
                 print(f"epoch {self.epoch}/{cfg.schedule.epochs} train_loss {train_loss:.4f}{extra}", flush=True)
-            if last or self.epoch % max(1, rt.ckpt_every) == 0:
+            if last or self.epoch % rt.ckpt_every == 0 or self.epoch == stop:
                 self.save_checkpoint()
         result = self.finish(time.perf_counter() - t0) if self.epoch == cfg.schedule.epochs else {}
         return result
+
+    def _evaluate_or_keep(self, rec: dict[str, Any]) -> dict[str, float]:
+        """:meth:`evaluate`; if it fails for a reason other than a non-finite loss, checkpoint the epoch's
+        (finite) trained state first, so that the training is not lost, then re-raise with a note."""
+        try:
+            return self.evaluate()
+        except NonFiniteLossError:
+            raise
+        except Exception as e:
+            self.history.append(rec)
+            self._log({**rec, "event": "evaluation_failed", "error": str(e).strip().splitlines()[-1][:500]})
+            self.save_checkpoint(sync=False)  # the other ranks may be waiting in the evaluation
+            ck = self.out / CKPT_NAME
+            e.add_note(
+                f"The evaluation after epoch {self.epoch} failed; the trained state of that epoch was saved to "
+                f"{ck}: fix the problem, then continue with --resume {ck}"
+            )
+            raise
 
     def finish(self, seconds: float) -> dict[str, Any]:
         """Evaluate the final weights, save the adapter and ``results.json``."""
