@@ -356,3 +356,18 @@ def test_cli_refuses_bad_settings_before_running(tmp_path, capsys):
     assert _train_main("--config", str(cfg), "--resume", "x.ckpt", "--restart") == 2
     assert "exclude each other" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_without_keys_added_later_still_resumes():
+    """A checkpoint's config written before a key existed matches while that key keeps its default."""
+    from visionpeft.engine.checkpoint import config_differences
+    from visionpeft.engine.experiment import ExperimentConfig
+
+    cfg = ExperimentConfig()
+    saved = cfg.to_dict()
+    del saved["data"]["mixup"]
+    defaults = ExperimentConfig(method=cfg.method).to_dict()
+    assert config_differences(saved, cfg.to_dict(), defaults) == []
+    changed = cfg.to_dict()
+    changed["data"]["mixup"] = 0.8
+    assert config_differences(saved, changed, defaults) == ["data.mixup: checkpoint None vs config 0.8"]

@@ -55,13 +55,20 @@ def _as_tuple(x: Any) -> Any:
     return tuple(_as_tuple(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def config_differences(saved: dict, current: dict) -> list[str]:
-    """Keys whose values differ between two resolved configs, ignoring paths and worker counts."""
+def config_differences(saved: dict, current: dict, defaults: dict | None = None) -> list[str]:
+    """Keys whose values differ between two resolved configs, ignoring paths and worker counts.
+
+    A key that the saved config lacks (written by a version without it) counts as unchanged while the
+    current value is its default (``defaults``: the resolved config of an all-default experiment).
+    """
+    defaults = defaults or {}
     diffs = []
     for section in sorted(set(saved) | set(current)):
         a, b = saved.get(section) or {}, current.get(section) or {}
         for key in sorted(set(a) | set(b)):
             if (section, key) in _VOLATILE:
+                continue
+            if key not in a and key in b and b[key] == (defaults.get(section) or {}).get(key, object()):
                 continue
             if a.get(key) != b.get(key):
                 diffs.append(f"{section}.{key}: checkpoint {a.get(key)!r} vs config {b.get(key)!r}")

@@ -231,7 +231,8 @@ class Trainer:
 
     def _resume(self, path: Path) -> None:
         state = load_checkpoint(path)
-        diffs = config_differences(state.get("config", {}), self.cfg.to_dict())
+        defaults = ExperimentConfig(method=self.cfg.method).to_dict()  # for keys older checkpoints lack
+        diffs = config_differences(state.get("config", {}), self.cfg.to_dict(), defaults)
         if diffs:
             raise ValueError(f"resume checkpoint {path} was written by another config: " + "; ".join(diffs))
         with torch.no_grad():
