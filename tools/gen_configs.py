@@ -8,13 +8,11 @@ ConvNeXt-B (choose the task with ``--set data.task=...``). Names follow
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 # (file stem, method section) per backbone; hyper-parameters as in the papers' VTAB-1k settings
 VIT_METHODS = [

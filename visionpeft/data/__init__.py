@@ -4,24 +4,16 @@ used by the demo, the learning tests and the default main job."""
 from __future__ import annotations
 
 from .digits import (
-    BACKBONE_ARGS,
     IMAGE_SIZE,
-    KINDS,
     PRETRAIN_DIGITS,
-    RECIPES,
     DigitSet,
     DigitSplit,
-    Recipe,
-    accuracy,
-    adapt,
     default_cache_dir,
     digit_split,
     load_digits,
-    make_backbone,
-    pretrain_backbone,
     to_rgb,
 )
-from .embedded import embedded_backbone_file, ensure_digits_task
+from .embedded import ensure_digits_task
 from .vtab import (
     VTAB_GROUPS,
     VTAB_INFO,
@@ -37,23 +29,14 @@ from .vtab import (
 )
 
 __all__ = [
-    "BACKBONE_ARGS",
     "IMAGE_SIZE",
-    "KINDS",
     "PRETRAIN_DIGITS",
-    "RECIPES",
     "DigitSet",
     "DigitSplit",
-    "Recipe",
-    "accuracy",
-    "adapt",
     "default_cache_dir",
     "digit_split",
     "load_digits",
-    "make_backbone",
-    "pretrain_backbone",
     "to_rgb",
-    "embedded_backbone_file",
     "ensure_digits_task",
     "VTAB_GROUPS",
     "VTAB_INFO",
