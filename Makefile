@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 
 .PHONY: venv demo test test-all lint bench clean
 
-$(STAMP): setup.py Makefile
+$(STAMP): setup.py pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q $(TORCH_PIN)
@@ -32,6 +32,8 @@ test-all: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check visionpeft kernels tools tests
+	$(PY) -m ruff format --check visionpeft kernels tools tests
+	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)
 	$(PY) tools/benchmark.py

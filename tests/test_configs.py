@@ -54,7 +54,7 @@ def test_config_builds_on_meta_device(path):
 
 
 def test_demo_configs_rebuild_the_embedded_backbone():
-    from visionpeft.data import BACKBONE_ARGS
+    from visionpeft.engine.pretrain import BACKBONE_ARGS
 
     for path in sorted((CONFIGS[0].parents[1] / "demo").glob("*.yaml")):
         cfg = load_config(path)

@@ -37,11 +37,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from visionpeft.data.vtab import GROUPS, VTAB_GROUPS, VTAB_INFO, VTAB_TASKS, resolve_task  # noqa: E402
+from visionpeft.data.vtab import GROUPS, VTAB_GROUPS, VTAB_INFO, VTAB_TASKS, resolve_task
 
 GROUP_TITLES = {"natural": "Natural", "specialized": "Specialized", "structured": "Structured"}
 MEAN_COLUMNS = ("Mean (groups)", "Mean (tasks)")

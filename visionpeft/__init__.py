@@ -10,10 +10,9 @@ Public API::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
 from ._io import AdapterFileError
 from ._registry import get_backbone, get_method, list_backbones, list_methods
+from ._version import __version__
 from .backbones import BackboneSpec, detect_backbone
 from .config import MethodConfig
 from .methods.adapter import AdapterConfig

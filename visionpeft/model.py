@@ -17,9 +17,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from . import __version__
 from ._io import AdapterFileError, check_field_types, load_json, read_adapter_files, save_adapter_files
 from ._registry import get_method, list_methods
+from ._version import __version__
 from .backbones import detect_backbone
 from .config import MethodConfig
 from .methods._base import AdapterLayer, ModulesToSave

@@ -7,24 +7,16 @@ from __future__ import annotations
 from .augment import BatchMixup, build_mixup, train_transform
 from .build import DATASETS, build_datasets, eval_transform, vtab_transform
 from .digits import (
-    BACKBONE_ARGS,
     IMAGE_SIZE,
-    KINDS,
     PRETRAIN_DIGITS,
-    RECIPES,
     DigitSet,
     DigitSplit,
-    Recipe,
-    accuracy,
-    adapt,
     default_cache_dir,
     digit_split,
     load_digits,
-    make_backbone,
-    pretrain_backbone,
     to_rgb,
 )
-from .embedded import embedded_backbone_file, ensure_digits_task
+from .embedded import ensure_digits_task
 from .files import ImageReadError, load_rgb, pil_to_rgb, read_text
 from .folders import CSVDataset, ImageFolderDataset, csv_datasets, imagefolder_datasets, read_label_csv
 from .vtab import (
@@ -43,23 +35,14 @@ from .vtab import (
 )
 
 __all__ = [
-    "BACKBONE_ARGS",
     "IMAGE_SIZE",
-    "KINDS",
     "PRETRAIN_DIGITS",
-    "RECIPES",
     "DigitSet",
     "DigitSplit",
-    "Recipe",
-    "accuracy",
-    "adapt",
     "default_cache_dir",
     "digit_split",
     "load_digits",
-    "make_backbone",
-    "pretrain_backbone",
     "to_rgb",
-    "embedded_backbone_file",
     "ensure_digits_task",
     "VTAB_GROUPS",
     "VTAB_INFO",

