@@ -21,7 +21,7 @@ import torch.nn as nn
 
 import visionpeft as vp
 import visionpeft.engine.adapt as adapt_module
-from visionpeft.data import digit_split, load_digits, to_rgb
+from visionpeft.data import default_cache_dir, digit_split, load_digits, to_rgb
 from visionpeft.engine.adapt import RECIPES, adapt, trained_head
 from visionpeft.engine.pretrain import pretrain_backbone
 
@@ -184,7 +184,7 @@ def test_to_rgb():
     assert to_rgb(torch.ones(4, 28, 28), 28).shape == (4, 3, 28, 28)
 
 
-def test_pretrained_backbone_is_accurate_and_cached(backbones, tmp_path):
+def test_pretrained_backbone_is_accurate_and_cached(backbones):
     model, acc = backbones("vit")
     assert not model.training
     assert acc >= 0.9, f"the tiny ViT reaches only {acc:.3f} on the held-out pretraining digits"
@@ -192,6 +192,7 @@ def test_pretrained_backbone_is_accurate_and_cached(backbones, tmp_path):
     assert acc2 == acc
     for (k, v), (k2, v2) in zip(model.state_dict().items(), again.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(v, v2), f"cached weights differ at {k}"
+    assert any(default_cache_dir().glob("digits-vit-*.pt")), "the pretrained weights were not cached"
 
 
 def test_pretrain_cache_is_deterministic_and_survives_a_corrupt_file(tmp_path):
