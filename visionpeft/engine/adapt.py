@@ -193,7 +193,7 @@ RECIPES: dict[str, Recipe] = {
     "conv_adapter_conv": Recipe("conv_adapter", {"level": "conv", "mode": "parallel"}, lr=5e-3, backbone="resnet"),
     "vpt": Recipe("vpt", {"num_tokens": 4}, lr=1e-1),
     "vpt_deep": Recipe("vpt", {"num_tokens": 4, "deep": True}, lr=5e-2),
-    "bitfit": Recipe("bitfit", {}, lr=3e-2),
+    "bitfit": Recipe("bitfit", {}, lr=1e-2),  # 3e-2 overshoots when the head is frozen
     "ssf": Recipe("ssf", {}, lr=3e-2),
     "ln_tune": Recipe("ln_tune", {}, lr=3e-2),
     "linear_probe": Recipe("linear_probe", {}, lr=1e-1),
