@@ -33,38 +33,16 @@ INERT_STEPS = 10  # an inert adapter never changes, whatever the step count
 BATCH = 32
 CHANCE = 1 / 5
 
-# The bars: (least test-accuracy gain, least test-loss gain) of each recipe over the head-only baseline, on
-# the 750 test images. The accuracy gain is absolute; the loss gain is the share of the baseline's mean
-# cross-entropy that the method removes. Each bar sits near half of the lowest gain measured over the seeds
-# 0, 1 and 2 (in the comments: lowest accuracy gain / lowest loss gain; `make test-all` checks seeds 1 and 2
-# again). An inert adapter gains exactly 0 on both (methods that start as the identity) or loses (VPT's
-# random prompts, SSF's and the conv adapters' initialisation).
-MARGINS: dict[str, tuple[float | None, float]] = {
-    "lora": (0.02, 0.12),  # 0.047 / 0.25
-    "lora_qv": (0.02, 0.12),  # 0.051 / 0.25
-    "dora": (0.02, 0.12),  # 0.052 / 0.28
-    "adaptformer": (0.015, 0.08),  # 0.031 / 0.16
-    "parallel_adapter": (0.01, 0.07),  # 0.021 / 0.15
-    "adapter_houlsby": (0.01, 0.06),  # 0.028 / 0.13
-    "adapter_pfeiffer": (0.005, 0.025),  # 0.012 / 0.048
-    "conv_adapter_block": (None, 0.06),  # 0.007 / 0.12
-    "conv_adapter_stage_seq": (0.005, 0.10),  # 0.012 / 0.20
-    "conv_adapter_conv": (None, 0.035),  # 0.001 / 0.072
-    "vpt": (None, 0.005),  # -0.001 / 0.011
-    "vpt_deep": (None, 0.01),  # 0.005 / 0.022
-    "bitfit": (0.005, 0.03),  # 0.013 / 0.060
-    "ssf": (0.01, 0.06),  # 0.019 / 0.12
-    "ln_tune": (0.01, 0.08),  # 0.025 / 0.16
-    "full": (0.03, 0.2),  # 0.065 / 0.39
-}
+# The bars come from each method's variants (``Variant.gain``): (least test-accuracy gain, least test-loss
+# gain) over the head-only baseline on the 750 test images. The accuracy gain is absolute; the loss gain is
+# the share of the baseline's mean cross-entropy that the method removes. Each bar sits near half of the
+# lowest gain measured over the seeds 0, 1 and 2 (`make test-all` checks seeds 1 and 2 again). An inert
+# adapter gains exactly 0 on both (methods that start as the identity) or loses (VPT's random prompts,
+# SSF's and the Conv-Adapter's initialisation).
+MARGINS: dict[str, tuple[float | None, float]] = {r: rec.gain for r, rec in RECIPES.items() if rec.gain is not None}
 # why some recipes have no accuracy bar (their loss bar still holds)
-NO_ACC_BAR = {
-    "conv_adapter_block": "the ResNet's head alone reaches ~94%: the gain is 5-10 of the 750 images, within noise",
-    "conv_adapter_conv": "the ResNet's head alone reaches ~94%: the gain is 1-8 of the 750 images, within noise",
-    "vpt": "four prompts barely move the class token's prediction under a frozen probe head (-0.1 to +1.5%)",
-    "vpt_deep": "the prompts barely move the prediction under a frozen probe head (+0.5 to +2.5%)",
-}
-ADAPTED = [r for r in RECIPES if r != "linear_probe"]  # linear_probe is the baseline itself
+NO_ACC_BAR = {r: rec.why for r, rec in RECIPES.items() if rec.gain is not None and rec.gain[0] is None}
+ADAPTED = [r for r, rec in RECIPES.items() if rec.method != "linear_probe"]  # the probe is the baseline itself
 # full fine-tuning trains the base weights in place: it has no adapter layer to switch off
 INERT = [r for r in ADAPTED if not vp.get_method(RECIPES[r].method).trains_base]
 
@@ -213,8 +191,8 @@ def test_every_registered_method_has_a_recipe():
     covered = {r.method for r in RECIPES.values()}
     missing = sorted(set(vp.list_methods()) - covered)
     assert not missing, f"add a visionpeft.engine.adapt.RECIPES entry (and so a learning test) for: {missing}"
-    assert set(MARGINS) == set(ADAPTED), "every adapted recipe needs its bars in MARGINS (measured over 3 seeds)"
-    assert {r for r, (acc, _) in MARGINS.items() if acc is None} == set(NO_ACC_BAR), "say why a recipe has no acc bar"
+    assert set(MARGINS) == set(ADAPTED), "every adapted variant declares its bars (Variant.gain, over 3 seeds)"
+    assert all(NO_ACC_BAR.values()), "say why a variant has no accuracy bar (Variant.why)"
     assert all(loss > 0 for _, loss in MARGINS.values()), "a loss bar of 0 cannot tell an adapter from none"
 
 

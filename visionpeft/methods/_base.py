@@ -60,6 +60,10 @@ class Variant:
         paper: options at full scale (VTAB-1k configs, benchmark); ``None``: not generated there.
         stem: config file-name stem for ``paper`` (``lora-r8-qv``); ``None``: the method's name.
         paper_lr: learning rate of the generated configs (``None``: the base config's).
+        gain: the learning test's bars: what the variant must gain over the head-only baseline on the
+            embedded digits, ``(test-accuracy points, share of the test loss removed)``, near half the
+            lowest gain measured over 3 seeds; ``None`` only for the head-only baseline itself.
+        why: the reason when the accuracy bar is ``None`` (the loss bar still holds).
     """
 
     id: str
@@ -69,6 +73,8 @@ class Variant:
     paper: dict[str, Any] | None = None
     stem: str | None = None
     paper_lr: float | None = None
+    gain: tuple[float | None, float] | None = None
+    why: str = ""
 
 
 class AdapterLayer(nn.Module):
