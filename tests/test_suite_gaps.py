@@ -28,10 +28,7 @@ def adapter_tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 def hook_count(model: torch.nn.Module) -> int:
     """Forward (pre-)hooks registered anywhere in ``model``."""
-    return sum(
-        len(m._forward_hooks) + len(m._forward_pre_hooks) + len(getattr(m, "_forward_hooks_with_kwargs", {}))
-        for m in model.modules()
-    )
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
 
 
 # full fine-tuning: the adapter file holds the base weights ------------------------------------------------------
