@@ -57,20 +57,45 @@ def test_qkv_slices_touch_only_chosen_slices():
     assert not torch.equal(w1[:d], w0[:d]) and not torch.equal(w1[2 * d :], w0[2 * d :])
 
 
+def lora_factors(pm: vp.PeftVisionModel, site: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lora_A, lora_B) of the default adapter at ``site`` (the one place that reaches adapter internals)."""
+    layer = pm.peft_modules["default"][site]
+    return layer.lora_A.detach(), layer.lora_B.detach()
+
+
+def grouped_conv_update(a: torch.Tensor, b: torch.Tensor, groups: int, scale: float) -> torch.Tensor:
+    """The weight update of LoRA on a grouped conv, written out element by element.
+
+    a: (groups * r, C_in / groups, kh, kw), r rank-one kernels per group; b: (C_out, r, 1, 1). Output channel
+    o of group j = o // (C_out / groups) gets ``scale * sum_k b[o, k] * a[j * r + k]``.
+    """
+    c_out, r = b.shape[:2]
+    delta = torch.zeros(c_out, *a.shape[1:], dtype=a.dtype)
+    for o in range(c_out):
+        j = o // (c_out // groups)
+        for k in range(r):
+            delta[o] += scale * b[o, k, 0, 0] * a[j * r + k]
+    return delta
+
+
 @pytest.mark.parametrize("groups", [1, 2, 8])
 @pytest.mark.parametrize("stride,padding", [(1, 1), (2, 0)])
 def test_conv_lora_grouped_and_depthwise_merge(groups, stride, padding):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(8, 8, 3, stride=stride, padding=padding, groups=groups), nn.ReLU())
-    pm = vp.get_peft_model(net, vp.LoRAConfig(rank=2, targets=["0"], init_weights=False))
-    layer = pm.peft_modules["default"]["0"]
-    assert sum(p.numel() for p in layer.parameters()) == 2 * (8 * 9 + 8)
+    w0 = net[0].weight.detach().clone()
+    pm = vp.get_peft_model(net, vp.LoRAConfig(rank=2, alpha=6, targets=["0"], init_weights=False))
+    a, b = lora_factors(pm, "0")
+    assert a.numel() + b.numel() == 2 * (8 * 9 + 8)
+    assert b.abs().sum() > 0  # a non-zero update, so the comparison can fail
     x = torch.randn(2, 8, 9, 9)
     out = pm(x)
-    ref = nn.functional.conv2d(x, net[0].weight + layer.delta_weight(), net[0].bias, stride, padding, 1, groups).relu()
+    w = w0 + grouped_conv_update(a, b, groups, scale=6 / 2)
+    ref = nn.functional.conv2d(x, w, net[0].bias, stride, padding, 1, groups).relu()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     pm.merge()
-    torch.testing.assert_close(pm(x), out, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(net[0].weight, w, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(pm(x), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_scaling_is_alpha_over_rank():

@@ -182,7 +182,8 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             param_groups(self.peft, o.lr, o.weight_decay, o.head_lr), betas=tuple(o.betas)
         )
-        self.steps_per_epoch = max(1, len(self.sampler) // o.grad_accum)
+        # a last group shorter than grad_accum micro-batches is an optimizer step too
+        self.steps_per_epoch = max(1, -(-len(self.sampler) // o.grad_accum))
         self.total_steps = cfg.schedule.epochs * self.steps_per_epoch
         self.warmup_steps = cfg.schedule.warmup_epochs * self.steps_per_epoch
         self.min_ratio = cfg.schedule.min_lr / o.lr if o.lr > 0 else 0.0
@@ -326,7 +327,7 @@ class Trainer:
                     raise self._non_finite(
                         f"non-finite loss {global_loss.item()} at epoch {self.epoch + 1}, step {self.step}"
                     )
-                scaled = loss / accum
+                scaled = loss / min(accum, n_batches - i // accum * accum)  # mean over this step's micro-batches
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             if sync:
                 self._optimizer_step()
