@@ -22,7 +22,7 @@ $(STAMP): setup.py pyproject.toml Makefile
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) tools/train.py --config configs/demo/*.yaml
+	$(PY) tools/train.py --config configs/demo/*.yaml --restart
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -134,35 +134,29 @@ CASES = [
         make_convnext,
         "conv_adapter",
         {"level": "conv", "layers": [0, 8]},
-        ["stages.0.blocks.0.conv_dw", "stages.3.blocks.1.conv_dw"],
+        ["stages.0.blocks.0", "stages.3.blocks.1"],
     ),
     (
         "conv_adapter_convnext_conv_exclude",
         make_convnext,
         "conv_adapter",
         {"level": "conv", "exclude": [r"stages\.2\..*"]},
-        [
-            "stages.0.blocks.0.conv_dw",
-            "stages.1.blocks.0.conv_dw",
-            "stages.1.blocks.1.conv_dw",
-            "stages.3.blocks.0.conv_dw",
-            "stages.3.blocks.1.conv_dw",
-        ],
+        ["stages.0.blocks.0", "stages.1.blocks.0", "stages.1.blocks.1", "stages.3.blocks.0", "stages.3.blocks.1"],
     ),
-    # ResNet's conv level is the block's 3x3 conv (issue 14 may move it to after bn2 + ReLU: update the names then)
+    # the conv level's sites are the blocks; inside each, the adapter sits beside the spatial conv (see below)
     (
         "conv_adapter_resnet_conv",
         make_resnet,
         "conv_adapter",
-        {"level": "conv", "layers": [0, 3], "exclude": ["layer4.0.conv2"]},
-        ["layer1.0.conv2"],
+        {"level": "conv", "layers": [0, 3], "exclude": ["layer4.0"]},
+        ["layer1.0"],
     ),
     (
         "conv_adapter_resnet_conv_all",
         make_resnet,
         "conv_adapter",
         {"level": "conv"},
-        ["layer1.0.conv2", "layer2.0.conv2", "layer3.0.conv2", "layer4.0.conv2"],
+        ["layer1.0", "layer2.0", "layer3.0", "layer4.0"],
     ),
     ("vpt_shallow", make_vit, "vpt", {"num_tokens": 2}, ["blocks.0", "blocks.5"]),
     ("vpt_shallow_layer2", make_vit, "vpt", {"num_tokens": 2, "layers": [2]}, ["blocks.2", "blocks.5"]),
@@ -261,3 +255,18 @@ def test_vpt_shallow_inserts_once_before_the_chosen_block():
     assert [t.shape[1] for t in seen] == [n, n, n + k, n + k, n + k, n + k]
     torch.testing.assert_close(seen[2][0, prefix : prefix + k], prompts_of(pm, "blocks.2"))
     assert not torch.allclose(seen[3][0, prefix : prefix + k], seen[2][0, prefix : prefix + k])
+
+
+def _hooked(model: torch.nn.Module) -> list[str]:
+    return sorted(n for n, m in model.named_modules() if n and (m._forward_hooks or m._forward_pre_hooks))
+
+
+def test_conv_adapter_hooks_sit_beside_the_spatial_conv():
+    """ConvNeXt: read and add at the depthwise conv; ResNet BasicBlock: beside its first (strided) conv;
+    block level: the block itself."""
+    pm = vp.get_peft_model(seeded(make_convnext), "conv_adapter", layers=[0], modules_to_save=[])
+    assert _hooked(pm.base_model) == ["stages.0.blocks.0.conv_dw"]
+    pm = vp.get_peft_model(seeded(make_resnet), "conv_adapter", layers=[1], modules_to_save=[])
+    assert _hooked(pm.base_model) == ["layer2.0.conv1"]
+    pm = vp.get_peft_model(seeded(make_resnet), "conv_adapter", level="block", layers=[1], modules_to_save=[])
+    assert _hooked(pm.base_model) == ["layer2.0"]

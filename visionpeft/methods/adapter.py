@@ -55,12 +55,14 @@ class Adapter(Method):
             {"bottleneck": 16, "placement": "houlsby"},
             paper={"bottleneck": 8, "placement": "houlsby"},
             stem="adapter-houlsby-b8",
+            gain=(0.015, 0.07),
         ),
         Variant(
             "adapter_pfeiffer",
             {"bottleneck": 16, "placement": "pfeiffer"},
             paper={"bottleneck": 8, "placement": "pfeiffer"},
             stem="adapter-pfeiffer-b8",
+            gain=(0.005, 0.02),
         ),
     )
     renamed_keys = {

@@ -62,6 +62,7 @@ class AdaptFormer(Method):
             lr=1e-2,
             paper={"bottleneck": 64, "scale": 0.1},
             stem="adaptformer-b64",
+            gain=(0.025, 0.09),
         ),
         Variant(
             "adaptformer_mlp",
@@ -69,6 +70,7 @@ class AdaptFormer(Method):
             lr=1e-2,
             paper={"bottleneck": 64, "scale": 0.1, "placement": "mlp"},
             stem="adaptformer-mlp-b64",
+            gain=(0.015, 0.09),
         ),
     )
     renamed_keys = {

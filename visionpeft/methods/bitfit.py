@@ -54,7 +54,7 @@ class BitFit(Method):
     config_cls = BitFitConfig
     paper = "BitFit (arXiv:2106.10199)"
     mergeable = True
-    variants = (Variant("bitfit", {}, lr=3e-2, paper={}),)
+    variants = (Variant("bitfit", {}, lr=1e-2, paper={}, gain=(0.006, 0.03)),)  # 3e-2 overshoots (head frozen)
 
     @classmethod
     def sites(cls, model: nn.Module, spec: Any, cfg: BitFitConfig) -> list[Site]:

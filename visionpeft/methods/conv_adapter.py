@@ -142,14 +142,24 @@ class ConvAdapter(Method):
     paper = "Conv-Adapter: Exploring Parameter Efficient Transfer Learning for ConvNets (arXiv:2208.07463)"
     identity_at_init = False
     variants = (
-        Variant("conv_adapter", {}, lr=5e-3, backbone="resnet", paper={"reduction": 4}, stem="conv_adapter-conv-par"),
+        Variant(
+            "conv_adapter",
+            {},
+            lr=2e-2,
+            backbone="resnet",
+            paper={"reduction": 4},
+            stem="conv_adapter-conv-par",
+            gain=(None, 0.035),
+            why="the ResNet's head alone reaches ~94%: the accuracy gain is a few of the 750 images, within noise",
+        ),
         Variant(
             "conv_adapter_conv_seq",
             {"mode": "sequential"},
-            lr=5e-3,
+            lr=1e-2,
             backbone="resnet",
             paper={"mode": "sequential", "reduction": 4},
             stem="conv_adapter-conv-seq",
+            gain=(0.004, 0.06),
         ),
         Variant(
             "conv_adapter_block",
@@ -158,12 +168,16 @@ class ConvAdapter(Method):
             backbone="resnet",
             paper={"level": "block", "reduction": 4},
             stem="conv_adapter-block-par",
+            gain=(None, 0.05),
+            why="the ResNet's head alone reaches ~94%: the accuracy gain is a few of the 750 images, within noise",
         ),
         Variant(
             "conv_adapter_stage_seq",
             {"level": "stage", "mode": "sequential"},
             lr=5e-3,
             backbone="resnet",
+            gain=(None, 0.07),
+            why="the ResNet's head alone reaches ~94%: the accuracy gain is a few of the 750 images, within noise",
         ),
     )
 

@@ -112,12 +112,13 @@ class DoRA(LoRA):
     paper = "DoRA: Weight-Decomposed Low-Rank Adaptation (arXiv:2402.09353)"
     mergeable = True
     variants = (
-        Variant("dora", {"rank": 4}, paper={"rank": 8, "alpha": 8}, stem="dora-r8"),
+        Variant("dora", {"rank": 4}, paper={"rank": 8, "alpha": 8}, stem="dora-r8", gain=(0.025, 0.14)),
         Variant(
             "dora_qv",
             {"rank": 4, "qkv_slices": "qv"},
             paper={"rank": 8, "alpha": 8, "qkv_slices": "qv"},
             stem="dora-r8-qv",
+            gain=(0.025, 0.13),
         ),
     )
     renamed_keys = {".lora_A": ".dora_A", ".lora_B": ".dora_B"}

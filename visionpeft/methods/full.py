@@ -29,7 +29,7 @@ class FullFinetune(Method):
     paper = "full fine-tuning baseline"
     mergeable = True
     trains_base = True
-    variants = (Variant("full", {}, lr=3e-3, paper={}, paper_lr=1e-4),)
+    variants = (Variant("full", {}, lr=3e-3, paper={}, paper_lr=1e-4, gain=(0.03, 0.19)),)
 
     @classmethod
     def sites(cls, model: nn.Module, spec: BackboneSpec, cfg: FullFinetuneConfig) -> list[Site]:

@@ -71,7 +71,7 @@ class LNTune(Method):
     config_cls = LNTuneConfig
     paper = "Tuning LayerNorm in Attention (arXiv:2312.11420)"
     mergeable = True
-    variants = (Variant("ln_tune", {}, lr=3e-2, paper={}),)
+    variants = (Variant("ln_tune", {}, lr=3e-2, paper={}, gain=(0.012, 0.08)),)
     renamed_keys = {".ln_weight": ".ln_tune_weight", ".ln_bias": ".ln_tune_bias"}
 
     @classmethod

@@ -196,12 +196,13 @@ class LoRA(Method):
     default_roles = (("qkv",), ("mlp_in", "mlp_out"), ("conv",))
     accepts = (nn.Linear, nn.Conv2d)
     variants = (
-        Variant("lora", {"rank": 4}, paper={"rank": 8, "alpha": 8}, stem="lora-r8"),
+        Variant("lora", {"rank": 4}, paper={"rank": 8, "alpha": 8}, stem="lora-r8", gain=(0.02, 0.12)),
         Variant(
             "lora_qv",
             {"rank": 4, "qkv_slices": "qv", "alpha": 8},
             paper={"rank": 8, "alpha": 8, "qkv_slices": "qv"},
             stem="lora-r8-qv",
+            gain=(0.025, 0.13),
         ),
     )
 

@@ -42,6 +42,7 @@ class ParallelAdapter(Method):
             {"bottleneck": 16, "scale": 2.0},
             paper={"bottleneck": 8, "scale": 1.0},
             stem="parallel_adapter-b8",
+            gain=(0.02, 0.10),
         ),
     )
     renamed_keys = {

@@ -71,7 +71,7 @@ class SSF(Method):
     paper = "Scaling & Shifting Your Features (arXiv:2210.08823)"
     mergeable = True
     identity_at_init = False
-    variants = (Variant("ssf", {}, lr=3e-2, paper={}),)
+    variants = (Variant("ssf", {}, lr=3e-2, paper={}, gain=(0.009, 0.06)),)
 
     @classmethod
     def sites(cls, model: nn.Module, spec: Any, cfg: SSFConfig) -> list[Site]:
