@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 
 import pytest
@@ -91,9 +92,15 @@ def rows() -> list[Row]:
 ROWS = rows()
 
 
+@functools.lru_cache(maxsize=None)
+def _probe(backbone: str) -> torch.nn.Module:
+    """One instance per family to ask methods about (never modified: nothing is attached to it)."""
+    return BACKBONES[backbone]()
+
+
 def unsupported_reason(row: Row, backbone: str) -> str | None:
     """What the method declares about this backbone (``None``: supported)."""
-    base = BACKBONES[backbone]()
+    base = _probe(backbone)
     return row.cls.unsupported_reason(base, vp.detect_backbone(base), row.config())
 
 
