@@ -432,3 +432,17 @@ def test_atomic_write_failure_leaves_nothing(tmp_path):
     with pytest.raises(OSError, match="disk full"):
         _io.atomic_write(tmp_path / "f.json", write)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_new_adapter_follows_the_models_mode():
+    """Wrapping a model in eval mode gives an adapter in eval mode: its dropout is off, outputs repeat."""
+    import timm
+
+    torch.manual_seed(0)
+    base = timm.create_model("test_vit", num_classes=3, img_size=32).eval()
+    pm = vp.get_peft_model(base, vp.LoRAConfig(rank=2, dropout=0.5, init_weights=False))
+    assert not any(m.training for m in pm.peft_modules.modules())
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(pm(x), pm(x))
+    pm.add_adapter("b", vp.LoRAConfig(rank=2, dropout=0.5, init_weights=False))
+    assert not any(m.training for m in pm.peft_modules["b"].modules())

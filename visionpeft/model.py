@@ -61,6 +61,8 @@ class PeftVisionModel(nn.Module):
         self.base_model = model
         self.spec = detect_backbone(model)
         self.peft_modules = nn.ModuleDict()
+        self.training = model.training  # the wrapper starts in the model's mode, as its adapters do
+        self.peft_modules.training = model.training
         self.peft_config: dict[str, MethodConfig] = {}
         self._targets: dict[str, dict[str, str]] = {}  # adapter -> site key -> module name
         self._handles: dict[str, list[Any]] = {}
@@ -141,6 +143,7 @@ class PeftVisionModel(nn.Module):
     def _attach(self, name: str, config: MethodConfig, layers: list, saves: list, base_trained: list[str]) -> None:
         modules = dict(self.base_model.named_modules())
         group = nn.ModuleDict()
+        group.training = self.base_model.training
         targets: dict[str, str] = {}
         handles = []
         ref = next(self.base_model.parameters(), None)
@@ -153,6 +156,7 @@ class PeftVisionModel(nn.Module):
                     layer.to(device=ref.device)
                     if ref.is_floating_point() and not isinstance(layer, ModulesToSave):
                         layer.to(dtype=ref.dtype)
+                layer.train(self.base_model.training)  # a new adapter follows the model's train / eval mode
                 group[key] = layer
                 targets[key] = module_name
                 handles += layer.attach(modules[module_name])
