@@ -31,8 +31,8 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(PY) -m ruff check visionpeft kernels tools tests
-	$(PY) -m ruff format --check visionpeft kernels tools tests
+	$(PY) -m ruff check visionpeft tools tests
+	$(PY) -m ruff format --check visionpeft tools tests
 	$(VENV)/bin/lint-imports
 
 bench: $(STAMP)

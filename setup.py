@@ -1,7 +1,6 @@
 """Packaging for visionpeft.
 
-``kernels/`` is installed as ``visionpeft.kernels`` (the top-level name ``kernels`` is taken on PyPI). The
-version is read from ``visionpeft/_version.py`` without importing the package (its dependencies may not be
+The version is read from ``visionpeft/_version.py`` without importing the package (its dependencies may not be
 installed yet).
 """
 
@@ -22,7 +21,6 @@ def read_version() -> str:
 
 
 _base = find_packages(include=["visionpeft", "visionpeft.*"])
-_kernels = ["visionpeft.kernels"] + ["visionpeft.kernels." + p for p in find_packages(where="kernels")]
 _readme = HERE / "README.md"
 
 # optional dependencies; the extras for dense prediction, SAM, mmseg and the kernels come with that code
@@ -46,8 +44,7 @@ setup(
     long_description=_readme.read_text(encoding="utf-8") if _readme.is_file() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=_base + _kernels,
-    package_dir={"visionpeft.kernels": "kernels"},
+    packages=_base,
     # no upper bounds: the Makefile pins the torch release the project is tested with
     install_requires=[
         "torch>=2.4",

@@ -73,7 +73,7 @@ class Adapter(Method):
     }
 
     @classmethod
-    def upgrade_v1(cls, config, tensors):
+    def upgrade_v1(cls, config: dict, tensors: dict) -> tuple[dict, dict]:
         # format-1 adapters wrapped the attention / MLP modules' outputs: the explicit-targets form today
         if config.get("targets") is None:
             config = {**config, "targets": list(_PLACEMENTS[config.get("placement", "houlsby")])}

@@ -81,7 +81,7 @@ class AdaptFormer(Method):
     }
 
     @classmethod
-    def upgrade_v1(cls, config, tensors):
+    def upgrade_v1(cls, config: dict, tensors: dict) -> tuple[dict, dict]:
         # format-1 files were written by the only placement of the time, the MLP-input one
         return super().upgrade_v1({"placement": "mlp", **config}, tensors)
 

@@ -93,7 +93,15 @@ class _Magnitude:
 class DoRALinear(_Magnitude, LoRALinear):
     """DoRA on a Linear, or on the q / k / v slices of a fused qkv Linear."""
 
-    def __init__(self, target: nn.Linear, rank, scaling, dropout, slices, init_weights) -> None:  # noqa: ANN001
+    def __init__(
+        self,
+        target: nn.Linear,
+        rank: int,
+        scaling: float,
+        dropout: float,
+        slices: list[tuple[int, int]] | None,
+        init_weights: bool,
+    ) -> None:
         super().__init__(target, rank, scaling, dropout, slices, init_weights)
         self._init_magnitude(target, [r for s, e in self.slices for r in range(s, e)], init_weights)
 
@@ -101,7 +109,7 @@ class DoRALinear(_Magnitude, LoRALinear):
 class DoRAConv2d(_Magnitude, LoRAConv2d):
     """DoRA on a (possibly grouped) Conv2d: one magnitude per output channel."""
 
-    def __init__(self, target: nn.Conv2d, rank, scaling, dropout, init_weights) -> None:  # noqa: ANN001
+    def __init__(self, target: nn.Conv2d, rank: int, scaling: float, dropout: float, init_weights: bool) -> None:
         super().__init__(target, rank, scaling, dropout, init_weights)
         self._init_magnitude(target, list(range(target.out_channels)), init_weights)
 
@@ -124,7 +132,7 @@ class DoRA(LoRA):
     renamed_keys = {".lora_A": ".dora_A", ".lora_B": ".dora_B"}
 
     @classmethod
-    def upgrade_v1(cls, config, tensors):
+    def upgrade_v1(cls, config: dict, tensors: dict) -> tuple[dict, dict]:
         if config.get("qkv_slices"):
             raise ValueError(
                 "DoRA files of format 1 with qkv_slices rescaled the untouched k rows too (a magnitude over all "
