@@ -7,6 +7,7 @@ the gradients of every adapter tensor must agree.
 
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
 import torch.nn.functional as F
@@ -15,8 +16,16 @@ from torch.func import functional_call
 
 import visionpeft as vp
 
-torch.set_default_dtype(torch.float64)
 X = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def _float64():
+    """float64 for this file's tests only: a default dtype set at import leaked into every test collected with it."""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
 
 
 def _vit(**kw):
