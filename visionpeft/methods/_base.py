@@ -39,7 +39,8 @@ class Site:
     Args:
         name: module name in the base model. module: the module. role: the spec role it matched
         (``None`` for a module-name pattern). layout: layout of the tensors entering and leaving it.
-        spec: the backbone spec.
+        spec: the backbone spec. host: the parent module that reads this module's weight itself
+        (``F.linear(x, self.qkv.weight, bias)``; see ``BackboneSpec.hosted_weights``), else ``None``.
     """
 
     name: str
@@ -47,6 +48,7 @@ class Site:
     role: str | None
     layout: str
     spec: BackboneSpec = dataclasses.field(repr=False)
+    host: nn.Module | None = dataclasses.field(default=None, repr=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +194,8 @@ class Method:
     mergeable: ClassVar[bool] = False
     identity_at_init: ClassVar[bool] = True
     trains_base: ClassVar[bool] = False
+    reaches_hosted_weights: ClassVar[bool] = False
+    """Whether the layers can adapt a module whose weight its parent reads itself (the site's ``host``)."""
     default_roles: ClassVar[tuple[tuple[str, ...], ...]] = ()
     accepts: ClassVar[tuple[type[nn.Module], ...] | None] = None
     variants: ClassVar[tuple[Variant, ...]] = ()
@@ -246,8 +250,13 @@ class Method:
             cfg.layers,
             accept=lambda n, m: cls.accept(n, m, cfg),
             what=f"{cls.name} targets",
+            hosted=cls.reaches_hosted_weights,
         )
-        return [Site(n, modules[n], role, spec.layout_of(role, modules[n]), spec) for n, role in found]
+        sites = []
+        for n, role in found:
+            host = spec.host_of(n)
+            sites.append(Site(n, modules[n], role, spec.layout_of(role, modules[n]), spec, modules.get(host)))
+        return sites
 
     # building ---------------------------------------------------------------------------------------
     @classmethod

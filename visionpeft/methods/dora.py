@@ -59,6 +59,11 @@ class _Magnitude:
         ones = torch.ones(weight.shape[0], dtype=dw.dtype, device=dw.device)
         return ones.index_copy(0, self.rows, (self.magnitude / norm).to(dw.dtype))
 
+    def adapted_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """``m * (W + dW) / ||W + dW||`` on the adapted rows (norm detached), ``W`` elsewhere: (C_out, C_in)."""
+        scale = self._row_scale(weight).to(weight.dtype)
+        return scale[:, None] * (weight + self.delta_weight().to(weight.dtype))
+
     def _view(self, v: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         return v.view(1, -1, 1, 1) if output.dim() == 4 and isinstance(self, LoRAConv2d) else v
 
@@ -93,8 +98,8 @@ class _Magnitude:
 class DoRALinear(_Magnitude, LoRALinear):
     """DoRA on a Linear, or on the q / k / v slices of a fused qkv Linear."""
 
-    def __init__(self, target: nn.Linear, rank, scaling, dropout, slices, init_weights) -> None:  # noqa: ANN001
-        super().__init__(target, rank, scaling, dropout, slices, init_weights)
+    def __init__(self, target: nn.Linear, rank, scaling, dropout, slices, init_weights, host=None) -> None:  # noqa: ANN001
+        super().__init__(target, rank, scaling, dropout, slices, init_weights, host)
         self._init_magnitude(target, [r for s, e in self.slices for r in range(s, e)], init_weights)
 
 
@@ -135,7 +140,9 @@ class DoRA(LoRA):
     def make_layer(cls, site: Site, cfg: DoRAConfig) -> AdapterLayer:
         if isinstance(site.module, nn.Conv2d):
             return DoRAConv2d(site.module, cfg.rank, cfg.scaling, cfg.dropout, cfg.init_weights)
-        return DoRALinear(site.module, cfg.rank, cfg.scaling, cfg.dropout, site_slices(site, cfg), cfg.init_weights)
+        return DoRALinear(
+            site.module, cfg.rank, cfg.scaling, cfg.dropout, site_slices(site, cfg), cfg.init_weights, site.host
+        )
 
     @classmethod
     def site_params(cls, site: Site, cfg: DoRAConfig) -> int:

@@ -10,6 +10,15 @@ target's kernel, stride, padding, dilation and groups (``rank`` output channels 
 grouped 1x1 conv, so the update is a weight of the target's exact shape and merges, also for grouped
 and depthwise convolutions; its size is ``rank * (C_in * k_h * k_w + C_out)`` for any number of groups.
 Initialisation (paper): A Kaiming-uniform, B zero, so the model is unchanged at init.
+
+Weights read by their parent: EVA, BEiT and SwinV2 attention compute ``F.linear(x, self.qkv.weight,
+qkv_bias)`` (separate q / v biases), so a hook on ``qkv`` never runs. There the layer hooks the parent
+(the site's ``host``): for the duration of the parent's forward, ``qkv.weight`` reads ``W + dW`` (an
+instance attribute that shadows the Parameter, removed again after the forward, also when it raises);
+the Parameter, the module tree and the state_dict keys are never touched, and the merge is the same
+``W += dW``. LoRA's input dropout has no weight form, so it needs ``dropout=0`` at such sites.
+On attention with separate ``q_proj`` / ``k_proj`` / ``v_proj`` Linears (EVA-02), ``qkv_slices`` keeps
+the projections it names.
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ from ..config import MethodConfig
 from ._base import AdapterLayer, Method, Site, Variant, first_tensor, lora_init_, random_init_, register
 
 _QKV = {"q": 0, "k": 1, "v": 2}
+_SEPARATE = {"q_proj": "q", "k_proj": "k", "v_proj": "v"}
 
 
 @dataclasses.dataclass
@@ -77,8 +87,15 @@ class LoRALinear(AdapterLayer):
         dropout: float,
         slices: list[tuple[int, int]] | None,
         init_weights: bool,
+        host: nn.Module | None = None,
     ) -> None:
         super().__init__()
+        self.__dict__["host"] = host  # a plain attribute: the host is a base module, not part of the adapter
+        if host is not None and dropout > 0:
+            raise ValueError(
+                f"LoRA dropout={dropout} needs the input of the adapted Linear, but {type(host).__name__} reads its "
+                f"weight itself (F.linear); use dropout=0 on this backbone's qkv"
+            )
         self.rank, self.scaling = rank, scaling
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         out_f, in_f = target.weight.shape
@@ -127,6 +144,27 @@ class LoRALinear(AdapterLayer):
 
     def after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         return output + self.delta_output(first_tensor(args, kwargs)).to(output.dtype)
+
+    def adapted_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """``W + scaling * B @ A``: (C_out, C_in), the weight a hosted site reads during its host's forward."""
+        return weight + self.delta_weight().to(weight.dtype)
+
+    def attach(self, target: nn.Module) -> list[Any]:
+        host = self.__dict__.get("host")
+        if host is None:
+            return super().attach(target)
+        return [
+            host.register_forward_pre_hook(lambda module, args: self._supply(target)),
+            host.register_forward_hook(lambda module, args, output: self._withdraw(target), always_call=True),
+        ]
+
+    def _supply(self, target: nn.Module) -> None:
+        if self.active and not self.merged:  # shadows the Parameter (instance attributes come first)
+            target.__dict__["weight"] = self.adapted_weight(target._parameters["weight"])
+
+    @staticmethod
+    def _withdraw(target: nn.Module) -> None:
+        target.__dict__.pop("weight", None)
 
     @torch.no_grad()
     def merge(self, target: nn.Module) -> None:
@@ -182,7 +220,7 @@ def qkv_slices_of(target: nn.Linear, letters: str) -> list[tuple[int, int]]:
 
 def site_slices(site: Site, cfg: LoRAConfig) -> list[tuple[int, int]] | None:
     """The q / k / v slices to adapt at a site (``None``: the whole module)."""
-    is_qkv = site.role == "qkv" or site.name.split(".")[-1] == "qkv"
+    is_qkv = site.name.split(".")[-1] == "qkv" or (site.role == "qkv" and site.name.split(".")[-1] not in _SEPARATE)
     if cfg.qkv_slices is not None and isinstance(site.module, nn.Linear) and is_qkv:
         return qkv_slices_of(site.module, cfg.qkv_slices)
     return None
@@ -193,6 +231,7 @@ class LoRA(Method):
     config_cls = LoRAConfig
     paper = "LoRA: Low-Rank Adaptation of Large Language Models (arXiv:2106.09685)"
     mergeable = True
+    reaches_hosted_weights = True
     default_roles = (("qkv",), ("mlp_in", "mlp_out"), ("conv",))
     accepts = (nn.Linear, nn.Conv2d)
     variants = (
@@ -214,7 +253,10 @@ class LoRA(Method):
     @classmethod
     def sites(cls, model: nn.Module, spec: BackboneSpec, cfg: LoRAConfig) -> list[Site]:
         sites = super().sites(model, spec, cfg)
-        if cfg.qkv_slices is not None and not any(site_slices(s, cfg) for s in sites):
+        if cfg.qkv_slices is not None:  # separate q / k / v projections: keep the ones the slices name
+            sites = [s for s in sites if _SEPARATE.get(s.name.split(".")[-1], cfg.qkv_slices[0]) in cfg.qkv_slices]
+        separate = any(s.name.split(".")[-1] in _SEPARATE for s in sites)
+        if cfg.qkv_slices is not None and not separate and not any(site_slices(s, cfg) for s in sites):
             raise ValueError(
                 f"qkv_slices={cfg.qkv_slices!r} given but no target is a fused qkv Linear "
                 f"(targets {cls.targets_for(spec, cfg)})"
@@ -225,7 +267,9 @@ class LoRA(Method):
     def make_layer(cls, site: Site, cfg: LoRAConfig) -> AdapterLayer:
         if isinstance(site.module, nn.Conv2d):
             return LoRAConv2d(site.module, cfg.rank, cfg.scaling, cfg.dropout, cfg.init_weights)
-        return LoRALinear(site.module, cfg.rank, cfg.scaling, cfg.dropout, site_slices(site, cfg), cfg.init_weights)
+        return LoRALinear(
+            site.module, cfg.rank, cfg.scaling, cfg.dropout, site_slices(site, cfg), cfg.init_weights, site.host
+        )
 
     @classmethod
     def site_params(cls, site: Site, cfg: LoRAConfig) -> int:
