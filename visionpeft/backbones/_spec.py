@@ -104,11 +104,10 @@ class BackboneSpec:
 
         Leaf modules tell it by their type (Linear / LayerNorm: channels last; Conv2d / BatchNorm /
         channels-first norms: NCHW). A container takes the role's declared layout (or the spec's
-        default), corrected by its first Linear / Conv2d: a container whose first layer is a Conv2d
-        reads NCHW maps (ConvNeXt's ``conv_mlp=True`` MLP of 1x1 convolutions), one whose first layer
-        is a Linear channels-last tokens.
+        default), unless its first Linear / Conv2d is a Conv2d: then it reads NCHW maps (ConvNeXt's
+        ``conv_mlp=True`` MLP of 1x1 convolutions, ConvFormer stages of CAFormer).
         """
-        if isinstance(module, (nn.Linear, nn.LayerNorm)) and not _is_channels_first_norm(module):
+        if isinstance(module, (nn.Linear, nn.LayerNorm)) and not channels_first_norm(module):
             return "NLC" if self.default_layout == "NLC" else "NHWC"
         declared = self.layouts.get(role, self.default_layout) if role is not None else self.default_layout
         return module_layout(module, declared)
@@ -134,26 +133,36 @@ def classifier_at(path: str) -> Callable[[nn.Module], list[str]]:
 
 
 def module_layout(module: nn.Module, declared: str) -> str:
-    """Layout of the tensors a module reads, from its type or its first Linear / Conv2d.
-
-    Args:
-        module: a leaf or a container. declared: the layout to keep when the module agrees with it (or
-            holds no Linear / Conv2d); a channels-last one is kept for modules whose first layer is a Linear.
+    """Layout of the tensors a module reads: NCHW for convolutions, batch / group norms, channels-first
+    layer norms and containers whose first Linear / Conv2d is a Conv2d (ConvNeXt's ``conv_mlp`` MLP);
+    ``declared`` otherwise (a container's input cannot be told from a Linear inside it: a stage may turn
+    NCHW maps into tokens before its first Linear).
     """
-    if isinstance(module, (nn.Conv2d, nn.BatchNorm2d, nn.GroupNorm)) or _is_channels_first_norm(module):
+    if isinstance(module, (nn.Conv2d, nn.BatchNorm2d, nn.GroupNorm)) or channels_first_norm(module):
         return "NCHW"
     first = next((m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
-    if isinstance(first, nn.Conv2d):
-        return "NCHW"
-    if isinstance(first, nn.Linear) or isinstance(module, (nn.Linear, nn.LayerNorm)):
-        return declared if declared != "NCHW" else "NHWC"
-    return declared
+    return "NCHW" if isinstance(first, nn.Conv2d) else declared
 
 
-def _is_channels_first_norm(module: nn.Module) -> bool:
+def channels_first_norm(module: nn.Module) -> bool:
     """timm's norms over the channel axis of NCHW maps (``LayerNorm2d``, ``LayerNorm2dNoBias`` ...)."""
     name = type(module).__name__
     return name.startswith("LayerNorm2d") or name in ("LayerNormNd", "GroupNorm1")
+
+
+def affine_output(module: nn.Module) -> nn.Module:
+    """The module whose output is a norm's affine output: timm's norm + activation layers (``BatchNormAct2d``,
+    ``GroupNormAct`` ...) apply ``drop`` then ``act`` after the affine step, so it is their ``drop`` child;
+    any other module is itself."""
+    drop = getattr(module, "drop", None)
+    norm = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
+    if (
+        isinstance(module, norm)
+        and isinstance(drop, nn.Module)
+        and isinstance(getattr(module, "act", None), nn.Module)
+    ):
+        return drop
+    return module
 
 
 ALL_LINEAR, ALL_CONV = "all-linear", "all-conv"

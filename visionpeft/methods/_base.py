@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from ..backbones._spec import BackboneSpec, resolve_targets
+from ..backbones._spec import BackboneSpec, affine_output, resolve_targets
 from ..config import MethodConfig
 
 
@@ -78,6 +78,9 @@ class AdapterLayer(nn.Module):
 
     uses_before: ClassVar[bool] = False
     uses_after: ClassVar[bool] = True
+    before_activation: ClassVar[bool] = False
+    """Whether the forward hook goes on the affine output of a norm + activation site (``BatchNormAct2d``'s
+    ``drop`` child, before its activation): layers whose effect merges into the norm's weight and bias."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -91,7 +94,8 @@ class AdapterLayer(nn.Module):
         if self.uses_before:
             handles.append(target.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
         if self.uses_after:
-            handles.append(target.register_forward_hook(self._post_hook, with_kwargs=True))
+            point = affine_output(target) if self.before_activation else target
+            handles.append(point.register_forward_hook(self._post_hook, with_kwargs=True))
         return handles
 
     def no_weight_decay(self) -> set[str]:

@@ -132,7 +132,8 @@ class Adapter(Method):
 
 def _tap_width(site: Site, branch: str) -> int:
     """Channels of a block's attention or MLP branch output (its module's output features)."""
-    return infer_features(site.module.get_submodule(branch))[1]
+    name = branch if hasattr(site.module, branch) else site.spec.taps[branch].source  # MetaFormer: token_mixer
+    return infer_features(site.module.get_submodule(name))[1]
 
 
 class BlockBranches(AdapterLayer):

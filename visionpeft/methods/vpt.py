@@ -107,6 +107,9 @@ class VPT(Method):
                 f"see {spec.layouts.get('block', spec.default_layout)} maps (windowed for Swin / SAM), where "
                 f"prompt tokens have no place, so VPT (shallow or deep) is not supported on it"
             )
+        refusal = spec.prompt_refusal(model) if spec.prompt_refusal is not None and model is not None else None
+        if refusal:
+            return f"vpt is not supported on this {spec.name} model: {refusal}"
         return None
 
     @staticmethod
