@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from test_zoo import liven
 
 import visionpeft as vp
 
@@ -84,3 +85,162 @@ def test_conv_mlp_convnext_runs_every_supported_method(arch, method):
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
     pm2 = vp.get_peft_model(convnext(arch), method, init_weights=False, **options)
     assert not torch.allclose(pm2(x), ref, atol=1e-5)
+
+
+# 2. weights read by their parent: EVA / BEiT / SwinV2 compute qkv with F.linear(x, self.qkv.weight, qkv_bias) ---
+V = dict(embed_dim=32, depth=2, num_heads=2, img_size=32, patch_size=8, num_classes=5)
+
+
+def hosted_model(arch: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if arch.startswith("swinv2"):
+        kw = dict(embed_dim=16, depths=(1, 1), num_heads=(2, 2), img_size=32, window_size=4, num_classes=5)
+    else:
+        kw = dict(V, init_values=1.0) if arch.startswith("beit") else dict(V)
+    model = timm.create_model(arch, **kw).eval()
+    # random q / v biases (timm zeroes them: the F.linear bias path must matter), LayerScale and head
+    return liven(model, vp.detect_backbone(model))
+
+
+HOSTED = ["eva02_tiny_patch14_224", "beit_base_patch16_224", "swinv2_tiny_window8_256"]
+
+
+@pytest.mark.parametrize("arch", HOSTED)
+def test_a_hook_on_the_hosted_qkv_linear_never_fires(arch):
+    """Why these sites need another mechanism (a failing version of this test means timm changed)."""
+    model = hosted_model(arch)
+    spec = vp.detect_backbone(model)
+    qkv = [n for n, _ in model.named_modules() if n.endswith("attn.qkv")]
+    assert qkv and all(spec.host_of(n) == n.rpartition(".")[0] for n in qkv)
+    calls = []
+    modules = dict(model.named_modules())
+    for n in qkv:
+        modules[n].register_forward_hook(lambda *a: calls.append(1))
+    model(image(1, 32))
+    assert calls == []
+
+
+@pytest.mark.parametrize("arch", HOSTED)
+@pytest.mark.parametrize(
+    "method,options", [("lora", {"rank": 2}), ("lora", {"rank": 2, "qkv_slices": "qv"}), ("dora", {"rank": 2})]
+)
+def test_lora_on_a_hosted_qkv_changes_the_output_and_merges_exactly(arch, method, options, tmp_path):
+    model = hosted_model(arch)
+    keys = list(model.state_dict())
+    x = image(2, 32)
+    ref = model(x)
+    torch.manual_seed(1)
+    pm = vp.get_peft_model(model, method, init_weights=False, modules_to_save=[], targets=["qkv"], **options)
+    qkv = next(m for n, m in model.named_modules() if n.endswith("attn.qkv"))
+    out = pm(x)
+    assert (out - ref).abs().max() > 1e-3, "the adapted qkv weight must reach the attention"
+    assert "weight" not in qkv.__dict__ and list(model.state_dict()) == keys
+    assert isinstance(qkv.weight, torch.nn.Parameter)
+    with pm.disable_adapters():
+        torch.testing.assert_close(pm(x), ref, rtol=0, atol=1e-6)
+    out.sum().backward()  # the low-rank factors learn through the supplied weight; the base stays frozen
+    trained = [p for p in pm.peft_modules.parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained)
+    assert qkv.weight.grad is None
+    pm.save_adapter(tmp_path / "a")
+    loaded = vp.load_adapter(hosted_model(arch), tmp_path / "a")
+    torch.testing.assert_close(loaded(x), out, rtol=1e-5, atol=1e-5)
+    plain = pm.merge_and_unload()
+    assert list(plain.state_dict()) == keys and "weight" not in qkv.__dict__
+    torch.testing.assert_close(plain(x), out, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_qkv_slices_leave_the_k_rows_of_a_hosted_weight_alone():
+    model = hosted_model("eva02_tiny_patch14_224")
+    pm = vp.get_peft_model(model, "lora", rank=2, qkv_slices="qv", init_weights=False, modules_to_save=[])
+    qkv = model.blocks[0].attn.qkv
+    before = qkv.weight.detach().clone()
+    pm.merge()
+    d = qkv.weight.shape[0] // 3
+    delta = (qkv.weight - before).abs().sum(dim=1)
+    assert delta[:d].min() > 0 and delta[2 * d :].min() > 0 and delta[d : 2 * d].max() == 0
+
+
+def test_a_failed_forward_leaves_no_adapted_weight_behind():
+    model = hosted_model("beit_base_patch16_224")
+    pm = vp.get_peft_model(model, "lora", init_weights=False, modules_to_save=[])
+    qkv = model.blocks[0].attn.qkv
+
+    def boom(*args):
+        raise RuntimeError("boom")
+
+    handle = model.blocks[0].attn.proj.register_forward_pre_hook(boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        pm(image(1, 32))
+    handle.remove()
+    assert "weight" not in qkv.__dict__ and isinstance(qkv.weight, torch.nn.Parameter)
+
+
+def test_methods_that_cannot_reach_a_hosted_weight_say_so():
+    model = hosted_model("eva02_tiny_patch14_224")
+    with pytest.raises(ValueError, match=r"parent reads itself .*LoRA and DoRA adapt them"):
+        vp.get_peft_model(model, "parallel_adapter", targets=["qkv"])
+    with pytest.raises(ValueError, match="LoRA dropout=0.1 .* reads its weight itself"):
+        vp.get_peft_model(model, "lora", dropout=0.1)
+    pm = vp.get_peft_model(model, "ssf")  # every affine op except the hosted qkv, whose output SSF cannot scale
+    sites = list(pm._targets["default"].values())
+    assert "blocks.0.attn.proj" in sites and not any(s.endswith("attn.qkv") for s in sites)
+
+
+def test_separate_q_k_v_projections_take_qkv_slices():
+    torch.manual_seed(0)
+    model = timm.create_model("eva02_base_patch14_224", **V).eval()  # q_proj / k_proj / v_proj
+    pm = vp.get_peft_model(model, "lora", rank=2, qkv_slices="qv", modules_to_save=[])
+    sites = sorted(s.rpartition(".")[2] for s in pm._targets["default"].values())
+    assert sites == ["q_proj", "q_proj", "v_proj", "v_proj"]
+    assert pm.get_nb_trainable_parameters()[0] == 4 * 2 * (32 + 32)
+
+
+# prompts, prefix tokens, LayerScale ----------------------------------------------------------------------------
+def test_vpt_refuses_rotary_and_relative_position_models_with_the_reason():
+    for arch, why in (("eva02_tiny_patch14_224", "rotary"), ("beit_base_patch16_224", "relative position bias")):
+        torch.manual_seed(0)
+        model = timm.create_model(arch, **V)
+        with pytest.raises(ValueError, match=f"vpt is not supported on this timm_.* model: .*{why}"):
+            vp.get_peft_model(model, "vpt")
+    eva01 = timm.create_model("eva02_tiny_patch14_224", use_rot_pos_emb=False, **V)  # absolute positions only
+    assert vp.get_peft_model(eva01, "vpt", num_tokens=2)(image(1, 32)).shape == (1, 5)
+
+
+@pytest.mark.parametrize(
+    "arch,prefix", [("vit_small_patch14_reg4_dinov2", 5), ("vit_medium_patch16_rope_reg1_gap_256", 1)]
+)
+def test_register_tokens_are_prefix_tokens(arch, prefix):
+    torch.manual_seed(0)
+    model = timm.create_model(arch, **{**V, "num_heads": 2}).eval()
+    spec = vp.detect_backbone(model)
+    assert spec.num_prefix_tokens(model) == prefix
+    if spec.prompt_refusal is not None and spec.prompt_refusal(model):
+        return
+    seen = {}
+    pm = vp.get_peft_model(model, "vpt", num_tokens=3)
+    model.blocks[0].register_forward_pre_hook(lambda m, a: seen.setdefault("in", a[0]))  # runs after VPT's
+    pm(image(1, 32))
+    x = seen["in"]
+    assert x.shape[1] == prefix + 3 + (32 // 8) ** 2
+    prompts = pm.peft_modules["default"]["blocks-0"].vpt_prompts
+    torch.testing.assert_close(x[0, prefix : prefix + 3], prompts)  # after the class and register tokens
+
+
+def test_deit3_layer_scale_does_not_scale_the_adapters():
+    """DeiT-III's LayerScale (init 1e-5 at full scale) multiplies the block branches, never the adapters' own."""
+    torch.manual_seed(0)
+    small = timm.create_model("deit3_small_patch16_224", init_values=1e-6, **V).eval()
+    assert vp.detect_backbone(small).name == "timm_vit" and small.blocks[0].ls1.gamma.abs().max() < 1e-5
+    x = image(1, 32)
+    feats = {}
+    small.blocks[-1].register_forward_hook(lambda m, a, o: feats.__setitem__("o", o))
+    for method in ("adapter", "adaptformer"):
+        torch.manual_seed(2)
+        pm = vp.get_peft_model(small, method, init_weights=False, modules_to_save=[])
+        pm(x)
+        adapted = feats["o"]
+        with pm.disable_adapters():
+            pm(x)
+        assert (adapted - feats["o"]).abs().max() > 1e-2, method
+        pm.unload()

@@ -145,9 +145,9 @@ def module_layout(module: nn.Module, declared: str) -> str:
 
 
 def channels_first_norm(module: nn.Module) -> bool:
-    """timm's norms over the channel axis of NCHW maps (``LayerNorm2d``, ``LayerNorm2dNoBias`` ...)."""
+    """timm's norms over the channel axis of NCHW maps (``LayerNorm2d``, ``LayerNorm2dNoBias``, ``LayerNormAct2d``)."""
     name = type(module).__name__
-    return name.startswith("LayerNorm2d") or name in ("LayerNormNd", "GroupNorm1")
+    return (name.startswith("LayerNorm") and "2d" in name) or name in ("LayerNormNd", "GroupNorm1")
 
 
 def affine_output(module: nn.Module) -> nn.Module:

@@ -80,7 +80,8 @@ class AdapterLayer(nn.Module):
     uses_after: ClassVar[bool] = True
     before_activation: ClassVar[bool] = False
     """Whether the forward hook goes on the affine output of a norm + activation site (``BatchNormAct2d``'s
-    ``drop`` child, before its activation): layers whose effect merges into the norm's weight and bias."""
+    ``drop`` child, before its activation; :meth:`after` still receives the norm's inputs as ``args``):
+    layers whose effect merges into the norm's weight and bias."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -93,9 +94,20 @@ class AdapterLayer(nn.Module):
         handles = []
         if self.uses_before:
             handles.append(target.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
-        if self.uses_after:
-            point = affine_output(target) if self.before_activation else target
-            handles.append(point.register_forward_hook(self._post_hook, with_kwargs=True))
+        point = affine_output(target) if self.uses_after and self.before_activation else target
+        if self.uses_after and point is target:
+            handles.append(target.register_forward_hook(self._post_hook, with_kwargs=True))
+        elif self.uses_after:  # a norm + activation: its affine output, with the norm's own inputs as args
+            seen: dict[str, Any] = {}
+
+            def keep(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                seen.update(args=args, kwargs=kwargs)
+
+            def affine(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+                return self._post_hook(target, seen.pop("args", args), seen.pop("kwargs", kwargs), output)
+
+            handles.append(target.register_forward_pre_hook(keep, with_kwargs=True))
+            handles.append(point.register_forward_hook(affine, with_kwargs=True))
         return handles
 
     def no_weight_decay(self) -> set[str]:
