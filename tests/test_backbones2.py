@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
-from test_zoo import liven
+from test_zoo import _one_thread, liven  # noqa: F401  (_one_thread: an autouse fixture)
 
 import visionpeft as vp
 
@@ -244,3 +244,100 @@ def test_deit3_layer_scale_does_not_scale_the_adapters():
             pm(x)
         assert (adapted - feats["o"]).abs().max() > 1e-2, method
         pm.unload()
+
+
+# 3. torchvision: nn.MultiheadAttention's packed input projection --------------------------------------------
+def tv_vit() -> torch.nn.Module:
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64)
+    model.heads.head = torch.nn.Linear(32, 5)  # torchvision zero-initialises its head
+    return model.eval()
+
+
+@pytest.mark.parametrize("method", ["lora", "dora"])
+@pytest.mark.parametrize("slices", [None, "qv"])
+def test_lora_on_multihead_attention_in_proj(method, slices, tmp_path):
+    model = tv_vit()
+    assert vp.detect_backbone(model).name == "tv_vit"
+    keys = list(model.state_dict())
+    x = image(2, 32)
+    ref = model(x)
+    mha = model.encoder.layers.encoder_layer_0.self_attention
+    before = mha.in_proj_weight.detach().clone()
+    torch.manual_seed(1)
+    pm = vp.get_peft_model(model, method, rank=2, qkv_slices=slices, init_weights=False, modules_to_save=[])
+    assert sorted(pm._targets["default"].values())[0] == "encoder.layers.encoder_layer_0.self_attention"
+    assert pm.get_nb_trainable_parameters()[0] == 2 * vp.get_method(method).site_params(
+        vp.get_method(method).sites(model, pm.spec, pm.peft_config["default"])[0], pm.peft_config["default"]
+    )
+    out = pm(x)
+    assert (out - ref).abs().max() > 1e-3
+    assert "in_proj_weight" not in mha.__dict__ and list(model.state_dict()) == keys
+    pm.save_adapter(tmp_path / "a")
+    torch.testing.assert_close(vp.load_adapter(tv_vit(), tmp_path / "a")(x), out, rtol=1e-5, atol=1e-5)
+    pm.merge()
+    torch.testing.assert_close(pm(x), out, rtol=1e-4, atol=1e-4)
+    changed = (mha.in_proj_weight - before).abs().sum(dim=1)
+    d = 32
+    assert changed[:d].min() > 0 and changed[2 * d :].min() > 0
+    assert (changed[d : 2 * d].max() == 0) == (slices == "qv")
+    plain = pm.merge_and_unload()
+    torch.testing.assert_close(plain(x), out, rtol=1e-4, atol=1e-4)
+
+
+def test_all_linear_reaches_the_attention_out_proj_that_multihead_attention_reads_itself():
+    model = tv_vit()
+    calls = []
+    model.encoder.layers.encoder_layer_0.self_attention.out_proj.register_forward_hook(lambda *a: calls.append(1))
+    x = image(1, 32)
+    ref = model(x)
+    assert calls == []  # F.multi_head_attention_forward reads out_proj.weight: a hook on it never runs
+    pm = vp.get_peft_model(model, "lora", targets="all-linear", init_weights=False, modules_to_save=[])
+    sites = set(pm._targets["default"].values())
+    layer = "encoder.layers.encoder_layer_0."
+    assert {layer + "self_attention", layer + "self_attention.out_proj", layer + "mlp.0", layer + "mlp.3"} <= sites
+    assert "heads.head" not in sites
+    out = pm(x)
+    plain = pm.merge_and_unload()
+    torch.testing.assert_close(plain(x), out, rtol=1e-4, atol=1e-4)
+    assert (out - ref).abs().max() > 1e-3
+
+
+# 4. targets="all-linear" / "all-conv" on any model ----------------------------------------------------------
+@pytest.mark.parametrize("method", ["lora", "dora", "ssf", "bitfit"])
+@pytest.mark.parametrize("target,kind", [("all-linear", torch.nn.Linear), ("all-conv", torch.nn.Conv2d)])
+def test_all_linear_and_all_conv_attach_without_module_names(method, target, kind, tmp_path):
+    torch.manual_seed(0)
+    base = timm.create_model("test_byobnet", num_classes=4).eval()  # no spec: the generic one
+    if target == "all-linear":
+        base.head.fc = torch.nn.Sequential(torch.nn.Linear(256, 16), torch.nn.Linear(16, 4))  # a two-layer head
+        base.get_classifier = lambda: base.head.fc
+    spec = vp.detect_backbone(base)
+    assert spec.name == "generic" and spec.head(base) == ["head.fc"]
+    modules = dict(base.named_modules())
+    x = image(2, 64)
+    if target == "all-linear":  # every Linear of this net sits in its head
+        with pytest.raises(ValueError, match=r"\['all-linear'\] match no suitable module"):
+            vp.get_peft_model(base, method, targets=target)
+        return
+    pm = vp.get_peft_model(base, method, targets=target, init_weights=False, modules_to_save=[])
+    sites = list(pm._targets["default"].values())
+    expected = [n for n, m in modules.items() if isinstance(m, kind) and not n.startswith("head.fc")]
+    if method == "bitfit":
+        expected = [n for n in expected if modules[n].bias is not None]
+    assert sites == expected and sites
+    out = pm(x)
+    pm.save_adapter(tmp_path / "a")
+    plain = pm.merge_and_unload()
+    torch.testing.assert_close(plain(x), out, rtol=1e-4, atol=1e-4)
+
+
+def test_all_linear_on_a_vit_skips_the_head_only():
+    torch.manual_seed(0)
+    base = timm.create_model("test_vit", num_classes=5, img_size=64).eval()
+    pm = vp.get_peft_model(base, "dora", targets="all-linear", rank=2)
+    sites = {n for k, n in pm._targets["default"].items() if not k.startswith("modules_to_save-")}
+    linears = {n for n, m in base.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert sites == linears - {"head"} and "modules_to_save-head" in pm._targets["default"]

@@ -1,4 +1,5 @@
-"""The timm zoo: every method on every family, on small random-weight models of 25 timm architectures.
+"""The zoo: every method on every family, on small random-weight models of 26 timm architectures and
+torchvision's four classification families.
 
 For each architecture and each method variant: a method that declares support attaches, is the identity at
 init where it promises so, changes the output when initialised at random, merges exactly (mergeable
@@ -118,7 +119,55 @@ ZOO = {
     "convformer": (lambda: _metaformer(False), "timm_metaformer"),
 }
 
+
+def _tv_vit() -> torch.nn.Module:
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(
+        image_size=IMG, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64, num_classes=5
+    )
+
+
+def _tv_swin() -> torch.nn.Module:
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    return SwinTransformer(
+        patch_size=[4, 4], embed_dim=16, depths=[1, 1], num_heads=[2, 2], window_size=[4, 4], num_classes=5
+    )
+
+
+def _tv_convnext() -> torch.nn.Module:
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    return ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)], num_classes=5)
+
+
+def _tv_resnet() -> torch.nn.Module:
+    from torchvision.models.resnet import Bottleneck, ResNet
+
+    return ResNet(Bottleneck, [1, 1, 1, 1], num_classes=5, width_per_group=8)
+
+
+# torchvision's classification backbones (vit_b_16, swin_t, convnext_tiny, resnet50 at small sizes)
+ZOO.update(
+    {
+        "tv_vit_b_16": (_tv_vit, "tv_vit"),
+        "tv_swin_t": (_tv_swin, "tv_swin"),
+        "tv_convnext_tiny": (_tv_convnext, "tv_convnext"),
+        "tv_resnet50": (_tv_resnet, "tv_resnet"),
+    }
+)
+
 ROWS = rows()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Models this small run fastest on one thread (two threads on a loaded 2-core machine: ~10x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def liven(model: torch.nn.Module, spec) -> torch.nn.Module:  # noqa: ANN001
@@ -128,7 +177,7 @@ def liven(model: torch.nn.Module, spec) -> torch.nn.Module:  # noqa: ANN001
     heads = tuple(spec.head(model))
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() == 1 and p.numel() > 1 and bool((p == p.flatten()[0]).all()):
+            if p.squeeze().dim() == 1 and bool((p == p.flatten()[0]).all()):  # (C,) or (C, 1, 1) constants
                 zero = bool((p == 0).all())
                 p.copy_(torch.randn(p.shape, generator=g) * 0.1 if zero else torch.rand(p.shape, generator=g) + 0.5)
             if name.startswith(heads) and p.dim() == 2:
@@ -155,7 +204,7 @@ def check_row(base: torch.nn.Module, row, tmp_path) -> str:  # noqa: ANN001
     spec = vp.detect_backbone(base)
     cls = row.cls
     x = image()
-    ref = base(x)
+    ref = base(x)  # (computed per row: a row must not depend on what the previous one did to the base)
     reason = cls.unsupported_reason(base, spec, row.config())
     if reason is not None:
         with pytest.raises(ValueError) as err:

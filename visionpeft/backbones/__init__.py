@@ -15,6 +15,7 @@ from . import (  # noqa: F401
     timm_swin,
     timm_swinv2,
     timm_vit,
+    torchvision,
 )
 from ._spec import BackboneSpec, block_index, infer_features, resolve_targets
 

@@ -90,11 +90,15 @@ class BackboneSpec:
     hosted_weights: str | None = None
     prompt_refusal: Callable[[nn.Module], str | None] | None = None
 
-    def host_of(self, name: str) -> str | None:
-        """Name of the module that reads the weight of module ``name`` itself, or ``None`` (see ``hosted_weights``)."""
-        if self.hosted_weights is None or re.fullmatch(self.hosted_weights, name) is None:
-            return None
-        return name.rpartition(".")[0]
+    def host_of(self, name: str, modules: dict[str, nn.Module] | None = None) -> str | None:
+        """Name of the module that reads the weight of module ``name`` itself, or ``None``: the parent of a
+        ``hosted_weights`` match, and the ``nn.MultiheadAttention`` around an ``out_proj`` (in any model)."""
+        parent, _, leaf = name.rpartition(".")
+        if self.hosted_weights is not None and re.fullmatch(self.hosted_weights, name) is not None:
+            return parent
+        if modules is not None and leaf == "out_proj" and isinstance(modules.get(parent), nn.MultiheadAttention):
+            return parent
+        return None
 
     def has_role(self, role: str) -> bool:
         return role in self.roles
@@ -166,7 +170,8 @@ def affine_output(module: nn.Module) -> nn.Module:
 
 
 ALL_LINEAR, ALL_CONV = "all-linear", "all-conv"
-"""Special targets: every ``nn.Linear`` / every ``nn.Conv2d`` of the model except the classification head."""
+"""Special targets: every ``nn.Linear`` (and ``nn.MultiheadAttention``) / every ``nn.Conv2d`` of the model,
+the classification head excluded (as huggingface peft's ``all-linear``)."""
 
 
 def block_index(name: str, blocks: list[str]) -> int | None:
@@ -216,7 +221,8 @@ def resolve_targets(
     heads = tuple(spec.head(model)) if any(t in (ALL_LINEAR, ALL_CONV) for t in targets) else ()
     for target in targets:
         if target in (ALL_LINEAR, ALL_CONV):
-            kind = nn.Linear if target == ALL_LINEAR else nn.Conv2d
+            # an attention's packed input projection is a linear layer too (LoRA / DoRA accept it)
+            kind = (nn.Linear, nn.MultiheadAttention) if target == ALL_LINEAR else nn.Conv2d
             hits = [
                 n
                 for n in names
@@ -239,7 +245,7 @@ def resolve_targets(
             continue
         if exclude and any(pattern_matches(e, n) for e in exclude):
             continue
-        if not hosted and spec.host_of(n) is not None:
+        if not hosted and spec.host_of(n, modules) is not None:
             skipped_hosted.append(n)
             continue
         if layers is not None:

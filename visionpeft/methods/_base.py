@@ -270,7 +270,7 @@ class Method:
         )
         sites = []
         for n, role in found:
-            host = spec.host_of(n)
+            host = spec.host_of(n, modules)
             sites.append(Site(n, modules[n], role, spec.layout_of(role, modules[n]), spec, modules.get(host)))
         return sites
 

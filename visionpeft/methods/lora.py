@@ -17,8 +17,10 @@ qkv_bias)`` (separate q / v biases), so a hook on ``qkv`` never runs. There the 
 instance attribute that shadows the Parameter, removed again after the forward, also when it raises);
 the Parameter, the module tree and the state_dict keys are never touched, and the merge is the same
 ``W += dW``. LoRA's input dropout has no weight form, so it needs ``dropout=0`` at such sites.
-On attention with separate ``q_proj`` / ``k_proj`` / ``v_proj`` Linears (EVA-02), ``qkv_slices`` keeps
-the projections it names.
+``nn.MultiheadAttention`` (torchvision's ViT) is adapted the same way on its packed input projection
+``in_proj_weight`` (3C, C; ``qkv_slices`` selects q / k / v rows) and on its ``out_proj`` (read by the
+attention itself). On attention with separate ``q_proj`` / ``k_proj`` / ``v_proj`` Linears (EVA-02),
+``qkv_slices`` keeps the projections it names.
 """
 
 from __future__ import annotations
@@ -75,6 +77,8 @@ class LoRALinear(AdapterLayer):
     Args:
         target: the Linear. rank, scaling, dropout: LoRA's. slices: ``[(start, end)]`` output rows to
         adapt, each with its own A and B (``None``: all rows). init_weights: ``False`` makes B random.
+        host: the module that reads the weight itself (``None``: hook the Linear). param: the name of the
+        adapted (C_out, C_in) weight on ``target`` (``in_proj_weight`` of a ``nn.MultiheadAttention``).
     """
 
     prefix = "lora"
@@ -88,9 +92,11 @@ class LoRALinear(AdapterLayer):
         slices: list[tuple[int, int]] | None,
         init_weights: bool,
         host: nn.Module | None = None,
+        param: str = "weight",
     ) -> None:
         super().__init__()
         self.__dict__["host"] = host  # a plain attribute: the host is a base module, not part of the adapter
+        self.param = param
         if host is not None and dropout > 0:
             raise ValueError(
                 f"LoRA dropout={dropout} needs the input of the adapted Linear, but {type(host).__name__} reads its "
@@ -98,11 +104,11 @@ class LoRALinear(AdapterLayer):
             )
         self.rank, self.scaling = rank, scaling
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        out_f, in_f = target.weight.shape
+        w = self.weight_of(target)
+        out_f, in_f = w.shape
         self.slices = slices if slices is not None else [(0, out_f)]
         self.full_out = self.slices == [(0, out_f)]
         self.out_features = out_f
-        w = target.weight
         register(self, f"{self.prefix}_A", w.new_empty(len(self.slices) * rank, in_f))
         register(self, f"{self.prefix}_B", w.new_zeros(sum(e - s for s, e in self.slices), rank))
         with torch.no_grad():
@@ -110,6 +116,10 @@ class LoRALinear(AdapterLayer):
                 lora_init_(self.A[i * rank : (i + 1) * rank])
             if not init_weights:
                 random_init_(self.B, 0.05)
+
+    def weight_of(self, target: nn.Module) -> nn.Parameter:
+        """The adapted weight Parameter of ``target`` (``weight``, or ``in_proj_weight`` of an attention)."""
+        return target._parameters[self.param]
 
     @property
     def A(self) -> nn.Parameter:
@@ -160,19 +170,20 @@ class LoRALinear(AdapterLayer):
 
     def _supply(self, target: nn.Module) -> None:
         if self.active and not self.merged:  # shadows the Parameter (instance attributes come first)
-            target.__dict__["weight"] = self.adapted_weight(target._parameters["weight"])
+            target.__dict__[self.param] = self.adapted_weight(self.weight_of(target))
 
-    @staticmethod
-    def _withdraw(target: nn.Module) -> None:
-        target.__dict__.pop("weight", None)
+    def _withdraw(self, target: nn.Module) -> None:
+        target.__dict__.pop(self.param, None)
 
     @torch.no_grad()
     def merge(self, target: nn.Module) -> None:
-        target.weight.add_(self.delta_weight().to(target.weight.dtype))
+        w = self.weight_of(target)
+        w.add_(self.delta_weight().to(w.dtype))
 
     @torch.no_grad()
     def unmerge(self, target: nn.Module) -> None:
-        target.weight.sub_(self.delta_weight().to(target.weight.dtype))
+        w = self.weight_of(target)
+        w.sub_(self.delta_weight().to(w.dtype))
 
 
 class LoRAConv2d(LoRALinear):
@@ -181,6 +192,7 @@ class LoRAConv2d(LoRALinear):
 
     def __init__(self, target: nn.Conv2d, rank: int, scaling: float, dropout: float, init_weights: bool) -> None:
         AdapterLayer.__init__(self)
+        self.__dict__["host"], self.param = None, "weight"
         if target.padding_mode != "zeros":
             raise ValueError(f"LoRA supports zero-padded convolutions only, got padding_mode={target.padding_mode!r}")
         self.rank, self.scaling = rank, scaling
@@ -209,9 +221,10 @@ class LoRAConv2d(LoRALinear):
         return F.conv2d(h, self.B, None, groups=self.groups) * self.scaling
 
 
-def qkv_slices_of(target: nn.Linear, letters: str) -> list[tuple[int, int]]:
-    """Output-row ranges of the q / k / v slices named by ``letters`` in a fused qkv Linear."""
-    out = target.out_features
+def qkv_slices_of(target: nn.Module, letters: str) -> list[tuple[int, int]]:
+    """Output-row ranges of the q / k / v slices named by ``letters`` in a fused qkv Linear (or the packed
+    input projection of a ``nn.MultiheadAttention``)."""
+    out = _weight(target).shape[0]
     if out % 3:
         raise ValueError(f"qkv_slices needs a fused qkv Linear with 3*dim outputs, got {out}")
     d = out // 3
@@ -221,9 +234,31 @@ def qkv_slices_of(target: nn.Linear, letters: str) -> list[tuple[int, int]]:
 def site_slices(site: Site, cfg: LoRAConfig) -> list[tuple[int, int]] | None:
     """The q / k / v slices to adapt at a site (``None``: the whole module)."""
     is_qkv = site.name.split(".")[-1] == "qkv" or (site.role == "qkv" and site.name.split(".")[-1] not in _SEPARATE)
-    if cfg.qkv_slices is not None and isinstance(site.module, nn.Linear) and is_qkv:
+    if cfg.qkv_slices is not None and (
+        isinstance(site.module, nn.MultiheadAttention) or (isinstance(site.module, nn.Linear) and is_qkv)
+    ):
         return qkv_slices_of(site.module, cfg.qkv_slices)
     return None
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    """The (C_out, C_in) weight LoRA adapts: a Linear's, or a ``nn.MultiheadAttention``'s packed input projection."""
+    if isinstance(module, nn.MultiheadAttention):
+        if module.in_proj_weight is None:
+            raise ValueError(
+                "LoRA on nn.MultiheadAttention needs its packed in_proj_weight (kdim == vdim == embed_dim); "
+                "this attention has separate q / k / v weights"
+            )
+        return module.in_proj_weight
+    return module.weight
+
+
+def hosted(site: Site) -> tuple[nn.Module | None, str]:
+    """(host, weight name) of a site: an attention adapts its own ``in_proj_weight`` during its forward."""
+    if isinstance(site.module, nn.MultiheadAttention):
+        _weight(site.module)
+        return site.module, "in_proj_weight"
+    return site.host, "weight"
 
 
 @register_method("lora")
@@ -233,7 +268,7 @@ class LoRA(Method):
     mergeable = True
     reaches_hosted_weights = True
     default_roles = (("qkv",), ("mlp_in", "mlp_out"), ("conv",))
-    accepts = (nn.Linear, nn.Conv2d)
+    accepts = (nn.Linear, nn.Conv2d, nn.MultiheadAttention)
     variants = (
         Variant("lora", {"rank": 4}, paper={"rank": 8, "alpha": 8}, stem="lora-r8"),
         Variant(
@@ -267,8 +302,9 @@ class LoRA(Method):
     def make_layer(cls, site: Site, cfg: LoRAConfig) -> AdapterLayer:
         if isinstance(site.module, nn.Conv2d):
             return LoRAConv2d(site.module, cfg.rank, cfg.scaling, cfg.dropout, cfg.init_weights)
+        host, param = hosted(site)
         return LoRALinear(
-            site.module, cfg.rank, cfg.scaling, cfg.dropout, site_slices(site, cfg), cfg.init_weights, site.host
+            site.module, cfg.rank, cfg.scaling, cfg.dropout, site_slices(site, cfg), cfg.init_weights, host, param
         )
 
     @classmethod
@@ -277,5 +313,6 @@ class LoRA(Method):
         m, r = site.module, cfg.rank
         if isinstance(m, nn.Conv2d):
             return r * (m.in_channels * m.kernel_size[0] * m.kernel_size[1] + m.out_channels)
-        slices = site_slices(site, cfg) or [(0, m.out_features)]
-        return sum(r * (m.in_features + (e - s)) for s, e in slices)
+        out_f, in_f = _weight(m).shape
+        slices = site_slices(site, cfg) or [(0, out_f)]
+        return sum(r * (in_f + (e - s)) for s, e in slices)

@@ -114,7 +114,7 @@ class VPT(Method):
 
     @staticmethod
     def _dim(model: nn.Module) -> int:
-        return int(getattr(model, "embed_dim", 0) or model.num_features)
+        return int(getattr(model, "embed_dim", 0) or getattr(model, "num_features", 0) or model.hidden_dim)
 
     @classmethod
     def build(cls, model: nn.Module, spec: BackboneSpec, cfg: VPTConfig) -> list[tuple[str, AdapterLayer]]:
