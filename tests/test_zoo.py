@@ -242,3 +242,14 @@ def test_every_method_on_the_zoo(arch, tmp_path):
     # the common methods reach every family of the zoo
     for method in ("lora", "dora", "ssf", "bitfit"):
         assert outcome[method] == "supported", f"{method} on {arch}"
+
+
+def test_every_spec_is_in_the_readme_backbone_table_and_in_the_zoo():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    table = readme[readme.index("### Backbones") :]
+    zoo_specs = {spec for _, spec in ZOO.values()}
+    for name in vp.list_backbones():
+        assert f"| `{name}` |" in table, f"README's backbone table misses {name}"
+        assert name in zoo_specs or name == "generic", f"the zoo test has no model of {name}"
