@@ -288,10 +288,12 @@ class LoRA(Method):
     @classmethod
     def sites(cls, model: nn.Module, spec: BackboneSpec, cfg: LoRAConfig) -> list[Site]:
         sites = super().sites(model, spec, cfg)
-        if cfg.qkv_slices is not None:  # separate q / k / v projections: keep the ones the slices name
-            sites = [s for s in sites if _SEPARATE.get(s.name.split(".")[-1], cfg.qkv_slices[0]) in cfg.qkv_slices]
-        separate = any(s.name.split(".")[-1] in _SEPARATE for s in sites)
-        if cfg.qkv_slices is not None and not separate and not any(site_slices(s, cfg) for s in sites):
+        if cfg.qkv_slices is None:
+            return sites
+        letters = {s.name: _SEPARATE.get(s.name.split(".")[-1]) for s in sites}  # separate q / k / v projections
+        sites = [s for s in sites if letters[s.name] is None or letters[s.name] in cfg.qkv_slices]
+        separate = any(letters[s.name] is not None for s in sites)
+        if not separate and not any(site_slices(s, cfg) for s in sites):
             raise ValueError(
                 f"qkv_slices={cfg.qkv_slices!r} given but no target is a fused qkv Linear "
                 f"(targets {cls.targets_for(spec, cfg)})"
