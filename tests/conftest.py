@@ -92,7 +92,7 @@ def rows() -> list[Row]:
 ROWS = rows()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _probe(backbone: str) -> torch.nn.Module:
     """One instance per family to ask methods about (never modified: nothing is attached to it)."""
     return BACKBONES[backbone]()

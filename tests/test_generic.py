@@ -24,20 +24,22 @@ def test_registries_list_everything():
 
 def test_timm_model_without_spec_uses_patterns(tmp_path):
     torch.manual_seed(0)
-    base = timm.create_model("test_efficientnet", num_classes=4).eval()
+    base = timm.create_model("test_byobnet", num_classes=4).eval()  # (EfficientNet has a spec now)
     assert vp.detect_backbone(base).name == "generic"
     with pytest.raises(ValueError, match="needs blocks with a pre-norm MLP"):
         vp.get_peft_model(base, "adaptformer")
     with pytest.raises(ValueError, match="needs the role"):
         vp.get_peft_model(base, "adaptformer", placement="mlp")
-    pm = vp.get_peft_model(base, vp.LoRAConfig(rank=2, targets=[r"blocks\.\d+\.\d+\.conv_pw"], init_weights=False))
+    pm = vp.get_peft_model(
+        base, vp.LoRAConfig(rank=2, targets=[r"stages\.\d+\.\d+\.conv\w+\.conv"], init_weights=False)
+    )
     sites = list(pm._targets["default"].values())
-    assert sites and all(s.endswith("conv_pw") for s in sites[:-1]) and sites[-1] == "classifier"
+    assert sites and all(s.endswith(".conv") for s in sites[:-1]) and sites[-1] == "head.fc"
     x = torch.randn(2, 3, 64, 64)
     out = pm(x)
     pm.save_adapter(tmp_path / "a")
     torch.manual_seed(0)
-    other = timm.create_model("test_efficientnet", num_classes=4).eval()
+    other = timm.create_model("test_byobnet", num_classes=4).eval()
     torch.testing.assert_close(vp.load_adapter(other, tmp_path / "a")(x), out)
     plain = pm.merge_and_unload()
     torch.testing.assert_close(plain(x), out, rtol=1e-4, atol=1e-4)

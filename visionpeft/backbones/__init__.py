@@ -7,9 +7,15 @@ import torch.nn as nn
 from . import (  # noqa: F401
     generic,  # noqa: F401  (registered last: it matches everything)
     timm_convnext,
+    timm_efficientnet,
+    timm_eva,
+    timm_metaformer,
+    timm_regnet,
     timm_resnet,
     timm_swin,
+    timm_swinv2,
     timm_vit,
+    torchvision,
 )
 from ._spec import BackboneSpec, block_index, infer_features, resolve_targets
 

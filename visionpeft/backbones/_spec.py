@@ -26,13 +26,26 @@ class Tap:
         source: child module whose input (``read="in"``) or output (``read="out"``) is the adapter's input.
         read: ``"in"`` or ``"out"``.
         sink: child module whose output receives the adapter's contribution.
-        layout: layout of the source tensor (``NLC`` / ``NHWC``: channels last; ``NCHW``).
+        layout: layout of the source tensor (``NLC`` / ``NHWC``: channels last; ``NCHW``); ``None``: inferred
+            from the source module of each block (see :func:`module_layout`), for families whose blocks
+            run the same branch on channels-last or NCHW tensors (ConvNeXt with and without ``conv_mlp``).
+        sink_layout: layout of the sink's output when it differs from the source's (``None``: told by the
+            shapes). A channels-last branch added to an NCHW map is permuted by it, never guessed from shapes
+            (an (B, H, W, C) map with H == W == C looks the same in both layouts).
     """
 
     source: str
     read: str
     sink: str
-    layout: str = "NLC"
+    layout: str | None = "NLC"
+    sink_layout: str | None = None
+
+    def resolve(self, block: nn.Module) -> Tap:
+        """This tap with a concrete layout for one block (``layout=None`` looks at the source module)."""
+        if self.layout is not None:
+            return self
+        source = block.get_submodule(self.source)
+        return dataclasses.replace(self, layout=module_layout(source, "NHWC"))
 
 
 @dataclasses.dataclass
@@ -55,6 +68,12 @@ class BackboneSpec:
         conv_tap: function ``block -> Tap`` locating a conv block's spatial (k x k) convolution: the
             tensor entering it and the module whose output follows it (Conv-Adapter's ``conv`` level).
         act_layer: the backbone's own activation (adapters on it default to the same kind).
+        hosted_weights: regular expression over module names whose ``weight`` their parent module reads
+            itself (``F.linear(x, self.qkv.weight, qkv_bias)`` in EVA, BEiT and SwinV2 attention), so a
+            hook on the module never runs. Only methods that supply the adapted weight during the parent's
+            forward (``Method.reaches_hosted_weights``: LoRA, DoRA) adapt them; other methods skip them.
+        prompt_refusal: function returning why prompt tokens cannot join this model's blocks (rotary
+            embeddings or relative position biases sized for the patch grid), or ``None`` when they can.
     """
 
     name: str
@@ -68,19 +87,34 @@ class BackboneSpec:
     taps: dict[str, Tap] = dataclasses.field(default_factory=dict)
     conv_tap: Callable[[nn.Module], Tap] | None = None
     act_layer: type[nn.Module] = nn.GELU
+    hosted_weights: str | None = None
+    prompt_refusal: Callable[[nn.Module], str | None] | None = None
+
+    def host_of(self, name: str, modules: dict[str, nn.Module] | None = None) -> str | None:
+        """Name of the module that reads the weight of module ``name`` itself, or ``None``: the parent of a
+        ``hosted_weights`` match, and the ``nn.MultiheadAttention`` around an ``out_proj`` (in any model)."""
+        parent, _, leaf = name.rpartition(".")
+        if self.hosted_weights is not None and re.fullmatch(self.hosted_weights, name) is not None:
+            return parent
+        if modules is not None and leaf == "out_proj" and isinstance(modules.get(parent), nn.MultiheadAttention):
+            return parent
+        return None
 
     def has_role(self, role: str) -> bool:
         return role in self.roles
 
     def layout_of(self, role: str | None, module: nn.Module) -> str:
-        """Layout of a site's input/output: the role's, else guessed from the module type."""
-        if isinstance(module, (nn.Linear, nn.LayerNorm)) and not _is_channels_first_norm(module):
+        """Layout of a site's input/output, from the module that is actually there.
+
+        Leaf modules tell it by their type (Linear / LayerNorm: channels last; Conv2d / BatchNorm /
+        channels-first norms: NCHW). A container takes the role's declared layout (or the spec's
+        default), unless its first Linear / Conv2d is a Conv2d: then it reads NCHW maps (ConvNeXt's
+        ``conv_mlp=True`` MLP of 1x1 convolutions, ConvFormer stages of CAFormer).
+        """
+        if isinstance(module, (nn.Linear, nn.LayerNorm)) and not channels_first_norm(module):
             return "NLC" if self.default_layout == "NLC" else "NHWC"
-        if isinstance(module, (nn.Conv2d, nn.BatchNorm2d, nn.GroupNorm)) or _is_channels_first_norm(module):
-            return "NCHW"
-        if role is not None and role in self.layouts:
-            return self.layouts[role]
-        return self.default_layout
+        declared = self.layouts.get(role, self.default_layout) if role is not None else self.default_layout
+        return module_layout(module, declared)
 
     def blocks(self, model: nn.Module) -> list[str]:
         """Module names of the blocks in forward order (empty when the spec has no ``block`` role)."""
@@ -102,8 +136,42 @@ def classifier_at(path: str) -> Callable[[nn.Module], list[str]]:
     return find
 
 
-def _is_channels_first_norm(module: nn.Module) -> bool:
-    return type(module).__name__ in ("LayerNorm2d", "LayerNormNd", "GroupNorm1")
+def module_layout(module: nn.Module, declared: str) -> str:
+    """Layout of the tensors a module reads: NCHW for convolutions, batch / group norms, channels-first
+    layer norms and containers whose first Linear / Conv2d is a Conv2d (ConvNeXt's ``conv_mlp`` MLP);
+    ``declared`` otherwise (a container's input cannot be told from a Linear inside it: a stage may turn
+    NCHW maps into tokens before its first Linear).
+    """
+    if isinstance(module, (nn.Conv2d, nn.BatchNorm2d, nn.GroupNorm)) or channels_first_norm(module):
+        return "NCHW"
+    first = next((m for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))), None)
+    return "NCHW" if isinstance(first, nn.Conv2d) else declared
+
+
+def channels_first_norm(module: nn.Module) -> bool:
+    """timm's norms over the channel axis of NCHW maps (``LayerNorm2d``, ``LayerNorm2dNoBias``, ``LayerNormAct2d``)."""
+    name = type(module).__name__
+    return (name.startswith("LayerNorm") and "2d" in name) or name in ("LayerNormNd", "GroupNorm1")
+
+
+def affine_output(module: nn.Module) -> nn.Module:
+    """The module whose output is a norm's affine output: timm's norm + activation layers (``BatchNormAct2d``,
+    ``GroupNormAct`` ...) apply ``drop`` then ``act`` after the affine step, so it is their ``drop`` child;
+    any other module is itself."""
+    drop = getattr(module, "drop", None)
+    norm = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
+    if (
+        isinstance(module, norm)
+        and isinstance(drop, nn.Module)
+        and isinstance(getattr(module, "act", None), nn.Module)
+    ):
+        return drop
+    return module
+
+
+ALL_LINEAR, ALL_CONV = "all-linear", "all-conv"
+"""Special targets: every ``nn.Linear`` (and ``nn.MultiheadAttention``) / every ``nn.Conv2d`` of the model,
+the classification head excluded (as huggingface peft's ``all-linear``)."""
 
 
 def block_index(name: str, blocks: list[str]) -> int | None:
@@ -132,8 +200,13 @@ def resolve_targets(
     layers: list[int] | None = None,
     accept: Callable[[str, nn.Module], bool] | None = None,
     what: str = "targets",
+    hosted: bool = False,
 ) -> list[tuple[str, str | None]]:
     """Turn roles / patterns into module names.
+
+    ``"all-linear"`` and ``"all-conv"`` (as in huggingface peft) select every ``nn.Linear`` / ``nn.Conv2d``
+    outside the spec's classification head(s). Modules whose weight their parent reads itself (the spec's
+    ``hosted_weights``) are kept only with ``hosted=True``.
 
     Returns:
         ``(module_name, role)`` pairs in model order; ``role`` is ``None`` for pattern matches.
@@ -145,8 +218,18 @@ def resolve_targets(
     modules = dict(model.named_modules())
     blocks = spec.blocks(model)
     found: dict[str, str | None] = {}
+    heads = tuple(spec.head(model)) if any(t in (ALL_LINEAR, ALL_CONV) for t in targets) else ()
     for target in targets:
-        if target in spec.roles:
+        if target in (ALL_LINEAR, ALL_CONV):
+            # an attention's packed input projection is a linear layer too (LoRA / DoRA accept it)
+            kind = (nn.Linear, nn.MultiheadAttention) if target == ALL_LINEAR else nn.Conv2d
+            hits = [
+                n
+                for n in names
+                if isinstance(modules[n], kind) and not any(n == h or n.startswith(h + ".") for h in heads)
+            ]
+            role = None
+        elif target in spec.roles:
             pattern = re.compile(spec.roles[target])
             hits = [n for n in names if pattern.fullmatch(n)]
             role: str | None = target
@@ -156,10 +239,14 @@ def resolve_targets(
         for n in hits:
             found.setdefault(n, role)
     selected = []
+    skipped_hosted: list[str] = []
     for n in names:  # model order
         if n not in found:
             continue
         if exclude and any(pattern_matches(e, n) for e in exclude):
+            continue
+        if not hosted and spec.host_of(n, modules) is not None:
+            skipped_hosted.append(n)
             continue
         if layers is not None:
             idx = block_index(n, blocks)
@@ -168,6 +255,12 @@ def resolve_targets(
         if accept is not None and not accept(n, modules[n]):
             continue
         selected.append((n, found[n]))
+    if not selected and skipped_hosted:
+        raise ValueError(
+            f"{what} {targets} match only modules whose weight their parent reads itself (F.linear in the "
+            f"attention of {spec.name}: {', '.join(skipped_hosted[:3])}), so a hook on them never runs; "
+            f"LoRA and DoRA adapt them, other methods need other targets"
+        )
     if not selected:
         raise ValueError(_no_match_message(spec, targets, names, layers, len(blocks), what))
     return selected

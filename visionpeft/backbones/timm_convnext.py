@@ -34,11 +34,13 @@ TIMM_CONVNEXT = register_backbone(
             "norm": _B + r"\.norm",
             "stem": r"stem\.0",
         },
+        # "mlp": NHWC as declared; BackboneSpec.layout_of reads NCHW off a conv_mlp=True MLP's first Conv2d
         layouts={"stage": "NCHW", "block": "NCHW", "conv_dw": "NCHW", "mlp": "NHWC"},
         default_layout="NCHW",
         head=classifier_at("head.fc"),
-        # the MLP's output is unscaled (LayerScale is the block's ``gamma`` parameter, applied after it)
-        taps={"mlp": Tap("mlp", "out", "drop_path", "NHWC")},
+        # the MLP's output is unscaled (LayerScale is the block's ``gamma`` parameter, applied after it); it is
+        # NHWC with Linear layers and NCHW with conv_mlp's 1x1 convolutions: the tap reads the layout per block
+        taps={"mlp": Tap("mlp", "out", "drop_path", None, sink_layout="NCHW")},
         conv_tap=lambda block: Tap("conv_dw", "in", "conv_dw", "NCHW"),
         act_layer=nn.GELU,
     )

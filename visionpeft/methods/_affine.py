@@ -7,7 +7,7 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
-from ..backbones._spec import BackboneSpec, resolve_targets
+from ..backbones._spec import BackboneSpec, channels_first_norm, resolve_targets
 from ..config import MethodConfig
 from ._base import Site
 
@@ -24,7 +24,7 @@ def channels_and_dim(module: nn.Module) -> tuple[int, int]:
         return module.num_channels, 1
     if isinstance(module, nn.LayerNorm):
         c = module.normalized_shape[-1]
-        return c, 1 if type(module).__name__ in ("LayerNorm2d",) else -1
+        return c, 1 if channels_first_norm(module) else -1
     raise TypeError(f"no channel axis known for {type(module).__name__}")
 
 

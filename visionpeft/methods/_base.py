@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from ..backbones._spec import BackboneSpec, resolve_targets
+from ..backbones._spec import BackboneSpec, affine_output, resolve_targets
 from ..config import MethodConfig
 
 
@@ -39,7 +39,8 @@ class Site:
     Args:
         name: module name in the base model. module: the module. role: the spec role it matched
         (``None`` for a module-name pattern). layout: layout of the tensors entering and leaving it.
-        spec: the backbone spec.
+        spec: the backbone spec. host: the parent module that reads this module's weight itself
+        (``F.linear(x, self.qkv.weight, bias)``; see ``BackboneSpec.hosted_weights``), else ``None``.
     """
 
     name: str
@@ -47,6 +48,7 @@ class Site:
     role: str | None
     layout: str
     spec: BackboneSpec = dataclasses.field(repr=False)
+    host: nn.Module | None = dataclasses.field(default=None, repr=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +84,10 @@ class AdapterLayer(nn.Module):
 
     uses_before: ClassVar[bool] = False
     uses_after: ClassVar[bool] = True
+    before_activation: ClassVar[bool] = False
+    """Whether the forward hook goes on the affine output of a norm + activation site (``BatchNormAct2d``'s
+    ``drop`` child, before its activation; :meth:`after` still receives the norm's inputs as ``args``):
+    layers whose effect merges into the norm's weight and bias."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -94,8 +100,20 @@ class AdapterLayer(nn.Module):
         handles = []
         if self.uses_before:
             handles.append(target.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
-        if self.uses_after:
+        point = affine_output(target) if self.uses_after and self.before_activation else target
+        if self.uses_after and point is target:
             handles.append(target.register_forward_hook(self._post_hook, with_kwargs=True))
+        elif self.uses_after:  # a norm + activation: its affine output, with the norm's own inputs as args
+            seen: dict[str, Any] = {}
+
+            def keep(module: nn.Module, args: tuple, kwargs: dict) -> None:
+                seen.update(args=args, kwargs=kwargs)
+
+            def affine(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+                return self._post_hook(target, seen.pop("args", args), seen.pop("kwargs", kwargs), output)
+
+            handles.append(target.register_forward_pre_hook(keep, with_kwargs=True))
+            handles.append(point.register_forward_hook(affine, with_kwargs=True))
         return handles
 
     def no_weight_decay(self) -> set[str]:
@@ -198,6 +216,8 @@ class Method:
     mergeable: ClassVar[bool] = False
     identity_at_init: ClassVar[bool] = True
     trains_base: ClassVar[bool] = False
+    reaches_hosted_weights: ClassVar[bool] = False
+    """Whether the layers can adapt a module whose weight its parent reads itself (the site's ``host``)."""
     default_roles: ClassVar[tuple[tuple[str, ...], ...]] = ()
     accepts: ClassVar[tuple[type[nn.Module], ...] | None] = None
     variants: ClassVar[tuple[Variant, ...]] = ()
@@ -252,8 +272,13 @@ class Method:
             cfg.layers,
             accept=lambda n, m: cls.accept(n, m, cfg),
             what=f"{cls.name} targets",
+            hosted=cls.reaches_hosted_weights,
         )
-        return [Site(n, modules[n], role, spec.layout_of(role, modules[n]), spec) for n, role in found]
+        sites = []
+        for n, role in found:
+            host = spec.host_of(n, modules)
+            sites.append(Site(n, modules[n], role, spec.layout_of(role, modules[n]), spec, modules.get(host)))
+        return sites
 
     # building ---------------------------------------------------------------------------------------
     @classmethod

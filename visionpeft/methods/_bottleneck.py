@@ -131,6 +131,7 @@ class TapBranch(Bottleneck):
         self._stash: torch.Tensor | None = None
 
     def attach(self, target: nn.Module) -> list[Any]:
+        self.tap = self.tap.resolve(target)  # a tap of layout None reads the layout of this block's source
         source, sink = target.get_submodule(self.tap.source), target.get_submodule(self.tap.sink)
         return [
             source.register_forward_hook(self._read, with_kwargs=True),
@@ -147,4 +148,7 @@ class TapBranch(Bottleneck):
         t, self._stash = self._stash, None
         if t is None:
             raise RuntimeError(f"adapter tap {self.tap.source!r} did not run before {self.tap.sink!r}")
-        return output + match_layout(self.branch(t, self.tap.layout), output).to(output.dtype)
+        delta = self.branch(t, self.tap.layout)
+        if self.tap.sink_layout == "NCHW" and self.tap.layout != "NCHW" and delta.dim() == 4:
+            delta = delta.permute(0, 3, 1, 2)  # channels-last branch onto an NCHW map: never guessed from shapes
+        return output + match_layout(delta, output).to(output.dtype)

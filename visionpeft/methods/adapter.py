@@ -134,7 +134,11 @@ class Adapter(Method):
 
 def _tap_width(site: Site, branch: str) -> int:
     """Channels of a block's attention or MLP branch output (its module's output features)."""
-    return infer_features(site.module.get_submodule(branch))[1]
+    name = branch if hasattr(site.module, branch) else site.spec.taps[branch].source  # MetaFormer: token_mixer
+    try:
+        return infer_features(site.module.get_submodule(name))[1]
+    except ValueError:  # a tap at a parameter-free module (torchvision ViT's dropout): the block's own width
+        return infer_features(site.module)[1]
 
 
 class BlockBranches(AdapterLayer):

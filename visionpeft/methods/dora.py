@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from .._registry import register_method
 from ._base import AdapterLayer, Site, Variant, first_tensor, register
-from .lora import LoRA, LoRAConfig, LoRAConv2d, LoRALinear, site_slices
+from .lora import LoRA, LoRAConfig, LoRAConv2d, LoRALinear, _weight, hosted, site_slices
 
 
 @dataclasses.dataclass
@@ -41,11 +41,12 @@ class _Magnitude:
 
     def _init_magnitude(self, target: nn.Module, rows: list[int], init_weights: bool) -> None:
         self.register_buffer("rows", torch.tensor(rows, dtype=torch.long), persistent=False)
+        w = self.weight_of(target)
         with torch.no_grad():
-            m = _row_norm(target.weight.float()[self.rows])
+            m = _row_norm(w.float()[self.rows])
             if not init_weights:
                 m = m * (1 + 0.1 * torch.randn_like(m))
-        register(self, "dora_magnitude", m.to(target.weight.dtype))
+        register(self, "dora_magnitude", m.to(w.dtype))
         self._merge_norm: torch.Tensor | None = None
 
     @property
@@ -58,6 +59,11 @@ class _Magnitude:
         norm = _row_norm(weight.to(dw.dtype)[self.rows] + dw[self.rows]).detach()
         ones = torch.ones(weight.shape[0], dtype=dw.dtype, device=dw.device)
         return ones.index_copy(0, self.rows, (self.magnitude / norm).to(dw.dtype))
+
+    def adapted_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """``m * (W + dW) / ||W + dW||`` on the adapted rows (norm detached), ``W`` elsewhere: (C_out, C_in)."""
+        scale = self._row_scale(weight).to(weight.dtype)
+        return scale[:, None] * (weight + self.delta_weight().to(weight.dtype))
 
     def _view(self, v: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         return v.view(1, -1, 1, 1) if output.dim() == 4 and isinstance(self, LoRAConv2d) else v
@@ -72,7 +78,7 @@ class _Magnitude:
 
     @torch.no_grad()
     def merge(self, target: nn.Module) -> None:
-        w, rows = target.weight, self.rows
+        w, rows = self.weight_of(target), self.rows
         dt = torch.promote_types(w.dtype, torch.float32)  # at least float32 for half-precision weights
         new = w.to(dt)[rows] + self.delta_weight().to(dt)[rows]
         self._merge_norm = _row_norm(new)
@@ -83,7 +89,7 @@ class _Magnitude:
     def unmerge(self, target: nn.Module) -> None:
         if self._merge_norm is None:
             raise RuntimeError("DoRA layer is not merged")
-        w, rows = target.weight, self.rows
+        w, rows = self.weight_of(target), self.rows
         dt = self._merge_norm.dtype
         scale = (self.magnitude.to(dt) / self._merge_norm).view(-1, *([1] * (w.dim() - 1)))
         w[rows] = (w.to(dt)[rows] / scale - self.delta_weight().to(dt)[rows]).to(w.dtype)
@@ -101,8 +107,10 @@ class DoRALinear(_Magnitude, LoRALinear):
         dropout: float,
         slices: list[tuple[int, int]] | None,
         init_weights: bool,
+        host: nn.Module | None = None,
+        param: str = "weight",
     ) -> None:
-        super().__init__(target, rank, scaling, dropout, slices, init_weights)
+        super().__init__(target, rank, scaling, dropout, slices, init_weights, host, param)
         self._init_magnitude(target, [r for s, e in self.slices for r in range(s, e)], init_weights)
 
 
@@ -144,11 +152,13 @@ class DoRA(LoRA):
     def make_layer(cls, site: Site, cfg: DoRAConfig) -> AdapterLayer:
         if isinstance(site.module, nn.Conv2d):
             return DoRAConv2d(site.module, cfg.rank, cfg.scaling, cfg.dropout, cfg.init_weights)
-        return DoRALinear(site.module, cfg.rank, cfg.scaling, cfg.dropout, site_slices(site, cfg), cfg.init_weights)
+        host, param = hosted(site)
+        return DoRALinear(
+            site.module, cfg.rank, cfg.scaling, cfg.dropout, site_slices(site, cfg), cfg.init_weights, host, param
+        )
 
     @classmethod
     def site_params(cls, site: Site, cfg: DoRAConfig) -> int:
         """LoRA's count plus one magnitude per adapted output row."""
-        m = site.module
-        rows = sum(e - s for s, e in (site_slices(site, cfg) or [(0, m.weight.shape[0])]))
+        rows = sum(e - s for s, e in (site_slices(site, cfg) or [(0, _weight(site.module).shape[0])]))
         return LoRA.site_params(site, cfg) + rows

@@ -34,6 +34,8 @@ def _is_ln(m: nn.Module) -> bool:
 
 
 class LNTuneLayer(AdapterLayer):
+    before_activation = True  # on LayerNormAct2d: the affine output, so the merge is exact
+
     def __init__(self, target: nn.LayerNorm, init_weights: bool) -> None:
         super().__init__()
         c, self.dim = channels_and_dim(target)

@@ -10,6 +10,17 @@ target's kernel, stride, padding, dilation and groups (``rank`` output channels 
 grouped 1x1 conv, so the update is a weight of the target's exact shape and merges, also for grouped
 and depthwise convolutions; its size is ``rank * (C_in * k_h * k_w + C_out)`` for any number of groups.
 Initialisation (paper): A Kaiming-uniform, B zero, so the model is unchanged at init.
+
+Weights read by their parent: EVA, BEiT and SwinV2 attention compute ``F.linear(x, self.qkv.weight,
+qkv_bias)`` (separate q / v biases), so a hook on ``qkv`` never runs. There the layer hooks the parent
+(the site's ``host``): for the duration of the parent's forward, ``qkv.weight`` reads ``W + dW`` (an
+instance attribute that shadows the Parameter, removed again after the forward, also when it raises);
+the Parameter, the module tree and the state_dict keys are never touched, and the merge is the same
+``W += dW``. LoRA's input dropout has no weight form, so it needs ``dropout=0`` at such sites.
+``nn.MultiheadAttention`` (torchvision's ViT) is adapted the same way on its packed input projection
+``in_proj_weight`` (3C, C; ``qkv_slices`` selects q / k / v rows) and on its ``out_proj`` (read by the
+attention itself). On attention with separate ``q_proj`` / ``k_proj`` / ``v_proj`` Linears (EVA-02),
+``qkv_slices`` keeps the projections it names.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ from ..config import MethodConfig
 from ._base import AdapterLayer, Method, Site, Variant, first_tensor, lora_init_, random_init_, register
 
 _QKV = {"q": 0, "k": 1, "v": 2}
+_SEPARATE = {"q_proj": "q", "k_proj": "k", "v_proj": "v"}
 
 
 @dataclasses.dataclass
@@ -65,6 +77,8 @@ class LoRALinear(AdapterLayer):
     Args:
         target: the Linear. rank, scaling, dropout: LoRA's. slices: ``[(start, end)]`` output rows to
         adapt, each with its own A and B (``None``: all rows). init_weights: ``False`` makes B random.
+        host: the module that reads the weight itself (``None``: hook the Linear). param: the name of the
+        adapted (C_out, C_in) weight on ``target`` (``in_proj_weight`` of a ``nn.MultiheadAttention``).
     """
 
     prefix = "lora"
@@ -77,15 +91,24 @@ class LoRALinear(AdapterLayer):
         dropout: float,
         slices: list[tuple[int, int]] | None,
         init_weights: bool,
+        host: nn.Module | None = None,
+        param: str = "weight",
     ) -> None:
         super().__init__()
+        self.__dict__["host"] = host  # a plain attribute: the host is a base module, not part of the adapter
+        self.param = param
+        if host is not None and dropout > 0:
+            raise ValueError(
+                f"LoRA dropout={dropout} needs the input of the adapted Linear, but {type(host).__name__} reads its "
+                f"weight itself (F.linear); use dropout=0 on this backbone's qkv"
+            )
         self.rank, self.scaling = rank, scaling
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        out_f, in_f = target.weight.shape
+        w = self.weight_of(target)
+        out_f, in_f = w.shape
         self.slices = slices if slices is not None else [(0, out_f)]
         self.full_out = self.slices == [(0, out_f)]
         self.out_features = out_f
-        w = target.weight
         register(self, f"{self.prefix}_A", w.new_empty(len(self.slices) * rank, in_f))
         register(self, f"{self.prefix}_B", w.new_zeros(sum(e - s for s, e in self.slices), rank))
         with torch.no_grad():
@@ -93,6 +116,10 @@ class LoRALinear(AdapterLayer):
                 lora_init_(self.A[i * rank : (i + 1) * rank])
             if not init_weights:
                 random_init_(self.B, 0.05)
+
+    def weight_of(self, target: nn.Module) -> nn.Parameter:
+        """The adapted weight Parameter of ``target`` (``weight``, or ``in_proj_weight`` of an attention)."""
+        return target._parameters[self.param]
 
     @property
     def A(self) -> nn.Parameter:
@@ -128,13 +155,35 @@ class LoRALinear(AdapterLayer):
     def after(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         return output + self.delta_output(first_tensor(args, kwargs)).to(output.dtype)
 
+    def adapted_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """``W + scaling * B @ A``: (C_out, C_in), the weight a hosted site reads during its host's forward."""
+        return weight + self.delta_weight().to(weight.dtype)
+
+    def attach(self, target: nn.Module) -> list[Any]:
+        host = self.__dict__.get("host")
+        if host is None:
+            return super().attach(target)
+        return [
+            host.register_forward_pre_hook(lambda module, args: self._supply(target)),
+            host.register_forward_hook(lambda module, args, output: self._withdraw(target), always_call=True),
+        ]
+
+    def _supply(self, target: nn.Module) -> None:
+        if self.active and not self.merged:  # shadows the Parameter (instance attributes come first)
+            target.__dict__[self.param] = self.adapted_weight(self.weight_of(target))
+
+    def _withdraw(self, target: nn.Module) -> None:
+        target.__dict__.pop(self.param, None)
+
     @torch.no_grad()
     def merge(self, target: nn.Module) -> None:
-        target.weight.add_(self.delta_weight().to(target.weight.dtype))
+        w = self.weight_of(target)
+        w.add_(self.delta_weight().to(w.dtype))
 
     @torch.no_grad()
     def unmerge(self, target: nn.Module) -> None:
-        target.weight.sub_(self.delta_weight().to(target.weight.dtype))
+        w = self.weight_of(target)
+        w.sub_(self.delta_weight().to(w.dtype))
 
 
 class LoRAConv2d(LoRALinear):
@@ -143,6 +192,7 @@ class LoRAConv2d(LoRALinear):
 
     def __init__(self, target: nn.Conv2d, rank: int, scaling: float, dropout: float, init_weights: bool) -> None:
         AdapterLayer.__init__(self)
+        self.__dict__["host"], self.param = None, "weight"
         if target.padding_mode != "zeros":
             raise ValueError(f"LoRA supports zero-padded convolutions only, got padding_mode={target.padding_mode!r}")
         self.rank, self.scaling = rank, scaling
@@ -171,9 +221,10 @@ class LoRAConv2d(LoRALinear):
         return F.conv2d(h, self.B, None, groups=self.groups) * self.scaling
 
 
-def qkv_slices_of(target: nn.Linear, letters: str) -> list[tuple[int, int]]:
-    """Output-row ranges of the q / k / v slices named by ``letters`` in a fused qkv Linear."""
-    out = target.out_features
+def qkv_slices_of(target: nn.Module, letters: str) -> list[tuple[int, int]]:
+    """Output-row ranges of the q / k / v slices named by ``letters`` in a fused qkv Linear (or the packed
+    input projection of a ``nn.MultiheadAttention``)."""
+    out = _weight(target).shape[0]
     if out % 3:
         raise ValueError(f"qkv_slices needs a fused qkv Linear with 3*dim outputs, got {out}")
     d = out // 3
@@ -182,10 +233,32 @@ def qkv_slices_of(target: nn.Linear, letters: str) -> list[tuple[int, int]]:
 
 def site_slices(site: Site, cfg: LoRAConfig) -> list[tuple[int, int]] | None:
     """The q / k / v slices to adapt at a site (``None``: the whole module)."""
-    is_qkv = site.role == "qkv" or site.name.split(".")[-1] == "qkv"
-    if cfg.qkv_slices is not None and isinstance(site.module, nn.Linear) and is_qkv:
+    is_qkv = site.name.split(".")[-1] == "qkv" or (site.role == "qkv" and site.name.split(".")[-1] not in _SEPARATE)
+    if cfg.qkv_slices is not None and (
+        isinstance(site.module, nn.MultiheadAttention) or (isinstance(site.module, nn.Linear) and is_qkv)
+    ):
         return qkv_slices_of(site.module, cfg.qkv_slices)
     return None
+
+
+def _weight(module: nn.Module) -> torch.Tensor:
+    """The (C_out, C_in) weight LoRA adapts: a Linear's, or a ``nn.MultiheadAttention``'s packed input projection."""
+    if isinstance(module, nn.MultiheadAttention):
+        if module.in_proj_weight is None:
+            raise ValueError(
+                "LoRA on nn.MultiheadAttention needs its packed in_proj_weight (kdim == vdim == embed_dim); "
+                "this attention has separate q / k / v weights"
+            )
+        return module.in_proj_weight
+    return module.weight
+
+
+def hosted(site: Site) -> tuple[nn.Module | None, str]:
+    """(host, weight name) of a site: an attention adapts its own ``in_proj_weight`` during its forward."""
+    if isinstance(site.module, nn.MultiheadAttention):
+        _weight(site.module)
+        return site.module, "in_proj_weight"
+    return site.host, "weight"
 
 
 @register_method("lora")
@@ -193,8 +266,9 @@ class LoRA(Method):
     config_cls = LoRAConfig
     paper = "LoRA: Low-Rank Adaptation of Large Language Models (arXiv:2106.09685)"
     mergeable = True
+    reaches_hosted_weights = True
     default_roles = (("qkv",), ("mlp_in", "mlp_out"), ("conv",))
-    accepts = (nn.Linear, nn.Conv2d)
+    accepts = (nn.Linear, nn.Conv2d, nn.MultiheadAttention)
     variants = (
         Variant("lora", {"rank": 4}, paper={"rank": 8, "alpha": 8}, stem="lora-r8", gain=(0.02, 0.12)),
         Variant(
@@ -215,7 +289,12 @@ class LoRA(Method):
     @classmethod
     def sites(cls, model: nn.Module, spec: BackboneSpec, cfg: LoRAConfig) -> list[Site]:
         sites = super().sites(model, spec, cfg)
-        if cfg.qkv_slices is not None and not any(site_slices(s, cfg) for s in sites):
+        if cfg.qkv_slices is None:
+            return sites
+        letters = {s.name: _SEPARATE.get(s.name.split(".")[-1]) for s in sites}  # separate q / k / v projections
+        sites = [s for s in sites if letters[s.name] is None or letters[s.name] in cfg.qkv_slices]
+        separate = any(letters[s.name] is not None for s in sites)
+        if not separate and not any(site_slices(s, cfg) for s in sites):
             raise ValueError(
                 f"qkv_slices={cfg.qkv_slices!r} given but no target is a fused qkv Linear "
                 f"(targets {cls.targets_for(spec, cfg)})"
@@ -226,7 +305,10 @@ class LoRA(Method):
     def make_layer(cls, site: Site, cfg: LoRAConfig) -> AdapterLayer:
         if isinstance(site.module, nn.Conv2d):
             return LoRAConv2d(site.module, cfg.rank, cfg.scaling, cfg.dropout, cfg.init_weights)
-        return LoRALinear(site.module, cfg.rank, cfg.scaling, cfg.dropout, site_slices(site, cfg), cfg.init_weights)
+        host, param = hosted(site)
+        return LoRALinear(
+            site.module, cfg.rank, cfg.scaling, cfg.dropout, site_slices(site, cfg), cfg.init_weights, host, param
+        )
 
     @classmethod
     def site_params(cls, site: Site, cfg: LoRAConfig) -> int:
@@ -234,5 +316,6 @@ class LoRA(Method):
         m, r = site.module, cfg.rank
         if isinstance(m, nn.Conv2d):
             return r * (m.in_channels * m.kernel_size[0] * m.kernel_size[1] + m.out_channels)
-        slices = site_slices(site, cfg) or [(0, m.out_features)]
-        return sum(r * (m.in_features + (e - s)) for s, e in slices)
+        out_f, in_f = _weight(m).shape
+        slices = site_slices(site, cfg) or [(0, out_f)]
+        return sum(r * (in_f + (e - s)) for s, e in slices)

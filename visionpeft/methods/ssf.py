@@ -32,6 +32,8 @@ class SSFConfig(MethodConfig):
 
 
 class SSFLayer(AdapterLayer):
+    before_activation = True  # on BatchNormAct2d: the affine output, so the merge is exact
+
     def __init__(self, target: nn.Module, init_weights: bool) -> None:
         super().__init__()
         c, self.dim = channels_and_dim(target)

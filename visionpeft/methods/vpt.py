@@ -115,11 +115,14 @@ class VPT(Method):
                 f"see {spec.layouts.get('block', spec.default_layout)} maps (windowed for Swin / SAM), where "
                 f"prompt tokens have no place, so VPT (shallow or deep) is not supported on it"
             )
+        refusal = spec.prompt_refusal(model) if spec.prompt_refusal is not None and model is not None else None
+        if refusal:
+            return f"vpt is not supported on this {spec.name} model: {refusal}"
         return None
 
     @staticmethod
     def _dim(model: nn.Module) -> int:
-        return int(getattr(model, "embed_dim", 0) or model.num_features)
+        return int(getattr(model, "embed_dim", 0) or getattr(model, "num_features", 0) or model.hidden_dim)
 
     @classmethod
     def build(cls, model: nn.Module, spec: BackboneSpec, cfg: VPTConfig) -> list[tuple[str, AdapterLayer]]:
