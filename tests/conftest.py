@@ -108,7 +108,7 @@ def matrix(supported_only: bool = True) -> list:
     """``pytest.param(row, backbone)`` for the method x backbone pairs the methods declare supported
     (``supported_only=False``: the unsupported ones instead)."""
     out = []
-    for r in ROWS:
+    for r in rows():
         for b in BACKBONES:
             if (unsupported_reason(r, b) is None) == supported_only:
                 out.append(pytest.param(r, b, id=f"{r.id}-{b}"))
