@@ -446,3 +446,27 @@ def test_a_new_adapter_follows_the_models_mode():
     torch.testing.assert_close(pm(x), pm(x))
     pm.add_adapter("b", vp.LoRAConfig(rank=2, dropout=0.5, init_weights=False))
     assert not any(m.training for m in pm.peft_modules["b"].modules())
+
+
+def test_a_file_saved_under_the_generic_spec_loads_once_the_family_has_a_spec(tmp_path):
+    """Adapters saved before a family had its spec recorded ``generic``; the same architecture still loads them."""
+    import json
+
+    import timm
+
+    torch.manual_seed(0)
+    base = timm.create_model("test_vit", num_classes=3, img_size=32).eval()
+    pm = vp.get_peft_model(base, vp.LoRAConfig(rank=2, targets=["qkv"], init_weights=False))
+    x = torch.randn(2, 3, 32, 32)
+    out = pm(x)
+    pm.save_adapter(tmp_path / "a")
+    meta = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    meta["backbone"] = "generic"
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(meta))
+    torch.manual_seed(0)
+    other = timm.create_model("test_vit", num_classes=3, img_size=32).eval()
+    torch.testing.assert_close(vp.load_adapter(other, tmp_path / "a")(x), out)
+    meta["backbone"] = "timm_swin"  # another family's spec is still refused
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(meta))
+    with pytest.raises(vp.AdapterFileError, match="saved for"):
+        vp.load_adapter(timm.create_model("test_vit", num_classes=3, img_size=32), tmp_path / "a")

@@ -567,8 +567,12 @@ def _upgrade(meta: Any, tensors: dict[str, torch.Tensor], path: Path) -> tuple[A
 
 
 def check_compatible(meta: dict, model: nn.Module, spec: Any, directory: Path) -> None:
+    """The adapter was saved for this architecture and backbone spec. A file saved under the ``generic``
+    spec (before its family had a spec of its own) still fits the same architecture: its sites are
+    module names, which a spec does not change."""
     arch = model_architecture(model)
-    if meta.get("backbone") != spec.name or meta.get("architecture") != arch:
+    same_spec = meta.get("backbone") in (spec.name, "generic")
+    if not same_spec or meta.get("architecture") != arch:
         raise AdapterFileError(
             f"adapter in {directory} was saved for {meta.get('architecture')!r} (backbone spec "
             f"{meta.get('backbone')!r}); this model is {arch!r} ({spec.name!r})"
