@@ -156,3 +156,10 @@ def test_wrapping_twice_and_bad_adapter_names():
         pm.set_adapter("x")
     with pytest.raises(ValueError, match="modules_to_save: no module named 'haed'.*head"):
         pm.add_adapter("b", vp.LoRAConfig(modules_to_save=["haed"]))
+
+
+def test_a_second_full_finetuning_adapter_is_refused():
+    pm = vp.get_peft_model(seeded(make_vit), "full")
+    with pytest.raises(ValueError, match="only one full fine-tuning adapter"):
+        pm.add_adapter("again", vp.FullFinetuneConfig())
+    assert pm.adapters == ["default"]
