@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import re
 
+import pytest
 import torch
 from conftest import BACKBONES, image, seeded
 
@@ -29,3 +31,101 @@ def test_unload_gives_back_the_pristine_model_bit_for_bit():
     for (n, p), (_, q) in zip(plain.state_dict().items(), before.state_dict().items(), strict=True):
         assert torch.equal(p, q), n
     vp.get_peft_model(plain, vp.LoRAConfig(rank=2))  # no "already wrapped" error
+
+
+def test_vit_roles_name_these_modules_of_the_tiny_vit():
+    """Guards the ViT spec's role patterns (``_vit_like``): each role resolves to the modules written out here by
+    hand for timm's ``test_vit`` (6 blocks). The registered spec is built at import time, so a test that calls
+    ``_vit_like()`` itself is what pins the patterns."""
+    from visionpeft.backbones.timm_vit import _vit_like
+
+    names = [n for n, _ in BACKBONES["timm_vit"]().named_modules() if n]
+    blocks = [f"blocks.{i}" for i in range(6)]
+    expected = {
+        "block": blocks,
+        "attn": [f"{b}.attn" for b in blocks],
+        "qkv": [f"{b}.attn.qkv" for b in blocks],
+        "attn_out": [f"{b}.attn.proj" for b in blocks],
+        "mlp": [f"{b}.mlp" for b in blocks],
+        "mlp_in": [f"{b}.mlp.fc1" for b in blocks],
+        "mlp_out": [f"{b}.mlp.fc2" for b in blocks],
+        "norm": [f"{b}.norm{i}" for b in blocks for i in (1, 2)],
+        "patch_embed": ["patch_embed.proj"],
+        "final_norm": ["norm", "fc_norm"],
+    }
+    roles = _vit_like()
+    assert sorted(roles) == sorted(expected)
+    for role, pattern in roles.items():
+        assert [n for n in names if re.fullmatch(pattern, n)] == expected[role], role
+    # the SAM ViT's blocks sit under the same prefix; another prefix moves every block-level role with it
+    other = _vit_like(r"trunk\.blocks\.\d+")
+    assert re.fullmatch(other["qkv"], "trunk.blocks.3.attn.qkv") and not re.fullmatch(
+        other["qkv"], "blocks.3.attn.qkv"
+    )
+    assert other["patch_embed"] == roles["patch_embed"]
+
+
+def test_classifier_at_finds_the_head_by_its_dotted_path():
+    """Guards ``classifier_at``, the head finder of the Swin, ConvNeXt, ResNet and SAM specs: the path when the module
+    exists, nothing when it is missing or replaced by an Identity (``reset_classifier(0)``)."""
+    from visionpeft.backbones._spec import classifier_at
+
+    convnext = BACKBONES["timm_convnext"]()
+    assert classifier_at("head.fc")(convnext) == ["head.fc"]
+    assert classifier_at("head.nothing")(convnext) == []
+    assert classifier_at("fc")(convnext) == []
+    convnext.reset_classifier(0)
+    assert classifier_at("head.fc")(convnext) == []
+    assert classifier_at("fc")(BACKBONES["timm_resnet"]()) == ["fc"]
+
+
+def test_no_match_message_lists_roles_close_names_of_every_target_and_the_layers():
+    """Guards the text of the "nothing matched" error (the README promises errors that say how to fix the input):
+    the backbone's roles, close names for every target (by leaf name and by full name, at most six) and, when
+    ``layers`` is set, the backbone's block count."""
+    from visionpeft.backbones._spec import resolve_targets
+
+    vit = BACKBONES["timm_vit"]()
+    with pytest.raises(ValueError) as err:
+        resolve_targets(vit, vp.detect_backbone(vit), ["qkvv", "blocks.1.attn.projj"], layers=[7], what="exclude")
+    assert str(err.value) == (
+        "exclude ['qkvv', 'blocks.1.attn.projj'] match no suitable module of this timm_vit backbone. "
+        "Roles of timm_vit: attn, attn_out, block, final_norm, mlp, mlp_in, mlp_out, norm, patch_embed, qkv. "
+        "Close module names: qkv, proj, proj_drop, blocks.1.attn.proj, blocks.5.attn.proj, blocks.4.attn.proj. "
+        "(layers=[7]; the backbone has 6 blocks.)"
+    )
+    with pytest.raises(ValueError) as err:
+        resolve_targets(vit, vp.detect_backbone(vit), ["blocks.0.attn.qkvv"])
+    assert str(err.value).endswith(
+        "Close module names: qkv, blocks.0.attn.qkv, blocks.5.attn.qkv, blocks.4.attn.qkv."
+    )  # no layers: no block count
+
+
+def test_full_finetuning_exclude_by_module_or_parameter_name():
+    """Guards ``full``'s ``exclude``: a module pattern (``qkv``) freezes that module's weight and bias in every
+    block, a parameter-name pattern freezes that one tensor, and every other base parameter still trains (the head
+    trains as its saved copy, so the base head stays frozen)."""
+    from visionpeft.methods.full import FullFinetuneConfig
+
+    pm = vp.get_peft_model(BACKBONES["timm_vit"](), FullFinetuneConfig(exclude=["qkv", r"blocks\.0\.norm1\.weight"]))
+    frozen = {n for n, p in pm.base_model.named_parameters() if not p.requires_grad}
+    assert frozen == {f"blocks.{i}.attn.qkv.{t}" for i in range(6) for t in ("weight", "bias")} | {
+        "blocks.0.norm1.weight",
+        "head.weight",
+        "head.bias",
+    }
+
+
+def test_full_finetuning_count_leaves_out_every_saved_module():
+    """Guards ``full``'s parameter count with ``modules_to_save``: modules saved as copies (here the head and the
+    final norm) are counted once, as copies, not also as base parameters."""
+    from visionpeft.methods.full import FullFinetune, FullFinetuneConfig
+
+    vit = BACKBONES["timm_vit"]()
+    total = sum(p.numel() for p in vit.parameters())
+    head = sum(p.numel() for p in vit.head.parameters())
+    norm = sum(p.numel() for p in vit.norm.parameters())
+    assert FullFinetune.param_count(vit, [], FullFinetuneConfig()) == total - head
+    assert (
+        FullFinetune.param_count(vit, [], FullFinetuneConfig(modules_to_save=["head", "norm"])) == total - head - norm
+    )
