@@ -48,8 +48,8 @@ MUTATE_BUDGET ?= 4h
 MUTATE_JOBS ?= 2
 
 mutate: $(STAMP)
-	-env -u PYTHONPATH OMP_NUM_THREADS=1 timeout --signal=INT --kill-after=60 $(MUTATE_BUDGET) \
-		$(VENV)/bin/mutmut run --max-children $(MUTATE_JOBS) $(MUTATE_ONLY)
+	-env -u PYTHONPATH OMP_NUM_THREADS=1 timeout --signal=TERM --kill-after=60 $(MUTATE_BUDGET) \
+		$(VENV)/bin/mutmut run --max-children $(MUTATE_JOBS) $(foreach m,$(MUTATE_ONLY),'$(m)')
 	$(VENV)/bin/mutmut export-cicd-stats
 	@cat mutants/mutmut-cicd-stats.json
 	$(VENV)/bin/mutmut results

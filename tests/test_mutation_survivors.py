@@ -129,3 +129,77 @@ def test_full_finetuning_count_leaves_out_every_saved_module():
     assert (
         FullFinetune.param_count(vit, [], FullFinetuneConfig(modules_to_save=["head", "norm"])) == total - head - norm
     )
+
+
+def _vpt_reference(model, prompts: dict[int, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """VPT from the paper, on timm's ViT pieces: before the first prompted block the prompts are inserted after the
+    prefix tokens, before each later prompted block they replace the previous block's outputs at those positions;
+    after the last block they are dropped."""
+    t = model.norm_pre(model.patch_drop(model._pos_embed(model.patch_embed(x))))
+    k, first = model.num_prefix_tokens, min(prompts)
+    n = next(iter(prompts.values())).shape[0]
+    for i, blk in enumerate(model.blocks):
+        if i in prompts:
+            rest = t[:, k:] if i == first else t[:, k + n :]
+            t = torch.cat([t[:, :k], prompts[i].expand(t.shape[0], -1, -1), rest], dim=1)
+        t = blk(t)
+    t = torch.cat([t[:, :k], t[:, k + n :]], dim=1)
+    return model.forward_head(model.norm(t))
+
+
+@pytest.mark.parametrize(
+    "kw,deep,layers,prompted",
+    [
+        ({}, True, [3, 1], [1, 3]),
+        ({}, False, [2, 4], [2]),
+        ({}, True, None, [0, 1, 2, 3, 4, 5]),
+        # average pooling reads every token (a prompt left in place changes it); register tokens: 3 prefix tokens
+        ({"global_pool": "avg", "reg_tokens": 2}, True, [1, 3], [1, 3]),
+    ],
+)
+def test_vpt_prompts_the_chosen_blocks_as_the_paper_says(kw, deep, layers, prompted):
+    """Guards VPT's placement: which blocks get prompts (``layers``, sorted; shallow keeps the first), insert before
+    the first and replace before the others (deep), and strip after the last block; checked against the reference
+    above on the tiny ViT."""
+    pm = vp.get_peft_model(seeded(BACKBONES["timm_vit"], **kw), vp.VPTConfig(num_tokens=3, deep=deep, layers=layers))
+    group = pm.peft_modules["default"]
+    prompts = {
+        int(key.split("-")[1]): layer.vpt_prompts for key, layer in group.items() if hasattr(layer, "vpt_prompts")
+    }
+    assert sorted(prompts) == prompted
+    x = image()
+    with torch.no_grad():
+        out = pm(x)
+        with pm.disable_adapters():
+            ref = _vpt_reference(pm.base_model, prompts, x)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_vpt_prompt_init_range_and_dropout():
+    """Guards VPT's initialisation (uniform in [-v, v], v = sqrt(6 / (3 * patch^2 + C)), the paper's Xavier bound)
+    and its prompt dropout (active in training, off in evaluation)."""
+    import math
+
+    pm = vp.get_peft_model(seeded(BACKBONES["timm_vit"], patch_size=8), vp.VPTConfig(num_tokens=50, deep=True))
+    v = math.sqrt(6.0 / (3 * 8 * 8 + 64))  # 8 x 8 patches, 64 channels
+    layers = [m for m in pm.peft_modules["default"].values() if hasattr(m, "vpt_prompts")]
+    assert len(layers) == 6
+    p = torch.cat([m.vpt_prompts.detach().flatten() for m in layers])
+    assert p.abs().max() <= v and p.max() > 0.9 * v and p.min() < -0.9 * v
+    pm = vp.get_peft_model(seeded(BACKBONES["timm_vit"]), vp.VPTConfig(num_tokens=4, dropout=0.5))
+    x = image()
+    with torch.no_grad():
+        pm.eval()
+        assert torch.equal(pm(x), pm(x))
+        pm.train()
+        torch.manual_seed(0)
+        a = pm(x)
+        assert not torch.equal(a, pm(x))
+
+
+@pytest.mark.parametrize("layers", [[6], [-1], []])
+def test_vpt_layers_out_of_range_are_refused(layers):
+    """Guards VPT's ``layers`` check: an index past the last block (the tiny ViT has 6), a negative one or an empty
+    list is a clear error naming the block count, not a silently smaller prompt set."""
+    with pytest.raises(ValueError, match=re.escape(f"vpt layers {layers} out of range: the backbone has 6 blocks")):
+        vp.get_peft_model(BACKBONES["timm_vit"](), vp.VPTConfig(deep=True, layers=layers))
