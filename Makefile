@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-all lint bench clean
+.PHONY: venv demo test test-all lint bench mutate clean
 
 $(STAMP): setup.py pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -38,5 +38,21 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) tools/benchmark.py
 
+# Mutation testing (docs/testing.md): not part of CI nor of `make test`. Configured in pyproject.toml [tool.mutmut];
+# the mutants, the results and mutmut's cache live in mutants/ (git-ignored), so a second call resumes where the
+# first stopped (a timed-out call loses no result). MUTATE_ONLY: mutant-name globs, e.g.
+#   make mutate MUTATE_ONLY='visionpeft.methods.*'      (one package; visionpeft.model.* is model.py)
+# MUTATE_BUDGET: wall-clock limit (timeout(1) syntax); MUTATE_JOBS: parallel workers.
+MUTATE_ONLY ?=
+MUTATE_BUDGET ?= 4h
+MUTATE_JOBS ?= 2
+
+mutate: $(STAMP)
+	-env -u PYTHONPATH OMP_NUM_THREADS=1 timeout --signal=TERM --kill-after=60 $(MUTATE_BUDGET) \
+		$(VENV)/bin/mutmut run --max-children $(MUTATE_JOBS) $(foreach m,$(MUTATE_ONLY),'$(m)')
+	$(VENV)/bin/mutmut export-cicd-stats
+	@cat mutants/mutmut-cicd-stats.json
+	$(VENV)/bin/mutmut results
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info mutants
