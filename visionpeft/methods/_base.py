@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 import torch
 import torch.nn as nn
 
-from ..backbones._spec import BackboneSpec, affine_output, resolve_targets
+from ..backbones._spec import BackboneSpec, Tap, affine_output, resolve_targets
 from ..config import MethodConfig
 
 
@@ -144,6 +144,43 @@ class AdapterLayer(nn.Module):
 
     def unmerge(self, target: nn.Module) -> None:
         raise NotImplementedError(f"{type(self).__name__} cannot be merged")
+
+
+class TapHooks:
+    """Mixin for a layer that reads the tensor at ``self.tap.source`` inside its site module and adds
+    :meth:`contribution` to ``self.tap.sink``'s output.
+
+    The read hook keeps the tensor until the sink's hook of the same forward pass consumes it (the two run
+    in that order inside one call of the site module, also under activation checkpointing, which re-runs
+    the whole module). ``source == sink`` (``""``: the site module itself) reads and adds at one module.
+    """
+
+    tap: Tap
+    _stash: torch.Tensor | None = None
+
+    def attach(self, target: nn.Module) -> list[Any]:
+        self.tap = self.tap.resolve(target)  # a tap of layout None reads the layout of this site's source
+        source, sink = target.get_submodule(self.tap.source), target.get_submodule(self.tap.sink)
+        return [
+            source.register_forward_hook(self._read, with_kwargs=True),
+            sink.register_forward_hook(self._write, with_kwargs=True),
+        ]
+
+    def contribution(self, t: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """What is added to the sink's ``output``, computed from the tapped tensor ``t``."""
+        raise NotImplementedError
+
+    def _read(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if self.active:
+            self._stash = first_tensor(args, kwargs) if self.tap.read == "in" else output
+
+    def _write(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if not self.active:
+            return None
+        t, self._stash = self._stash, None
+        if t is None:
+            raise RuntimeError(f"{type(self).__name__}: tap {self.tap.source!r} did not run before {self.tap.sink!r}")
+        return output + self.contribution(t, output).to(output.dtype)
 
 
 class ModulesToSave(AdapterLayer):

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..backbones._spec import Tap
-from ._base import AdapterLayer, first_tensor, lora_init_, random_init_, register
+from ._base import AdapterLayer, TapHooks, first_tensor, lora_init_, random_init_, register
 
 
 def bottleneck_params(c_in: int, c_out: int, hidden: int) -> int:
@@ -117,38 +117,17 @@ class SerialBranch(Bottleneck):
         return output + self.branch(output, self.layout).to(output.dtype)
 
 
-class TapBranch(Bottleneck):
-    """Reads the tensor at ``tap.source`` inside a block and adds ``scale * B(t)`` to ``tap.sink``'s output.
-
-    The site is the block. The read hook keeps the tensor until the sink's hook of the same forward pass
-    consumes it (the two hooks run in that order inside one block call, also under activation
-    checkpointing, which re-runs the whole block).
-    """
+class TapBranch(TapHooks, Bottleneck):
+    """Reads the tensor at ``tap.source`` inside a block and adds ``scale * B(t)`` to ``tap.sink``'s output
+    (the site is the block; see :class:`~visionpeft.methods._base.TapHooks`)."""
 
     def __init__(self, tap: Tap, **kw: Any) -> None:
         super().__init__(**kw)
         self.tap = tap
-        self._stash: torch.Tensor | None = None
+        self._stash = None
 
-    def attach(self, target: nn.Module) -> list[Any]:
-        self.tap = self.tap.resolve(target)  # a tap of layout None reads the layout of this block's source
-        source, sink = target.get_submodule(self.tap.source), target.get_submodule(self.tap.sink)
-        return [
-            source.register_forward_hook(self._read, with_kwargs=True),
-            sink.register_forward_hook(self._write, with_kwargs=True),
-        ]
-
-    def _read(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if self.active:
-            self._stash = first_tensor(args, kwargs) if self.tap.read == "in" else output
-
-    def _write(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if not self.active:
-            return None
-        t, self._stash = self._stash, None
-        if t is None:
-            raise RuntimeError(f"adapter tap {self.tap.source!r} did not run before {self.tap.sink!r}")
+    def contribution(self, t: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         delta = self.branch(t, self.tap.layout)
         if self.tap.sink_layout == "NCHW" and self.tap.layout != "NCHW" and delta.dim() == 4:
             delta = delta.permute(0, 3, 1, 2)  # channels-last branch onto an NCHW map: never guessed from shapes
-        return output + match_layout(delta, output).to(output.dtype)
+        return match_layout(delta, output)

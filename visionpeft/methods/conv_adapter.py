@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import torch
 import torch.nn as nn
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 from .._registry import register_method
 from ..backbones._spec import BackboneSpec, Tap, infer_features, spatial_stride
 from ..config import MethodConfig
-from ._base import AdapterLayer, Method, Site, Variant, first_tensor
+from ._base import AdapterLayer, Method, Site, TapHooks, Variant
 
 _LEVELS = ("conv", "block", "stage")
 _ACTS = {"relu": nn.ReLU, "gelu": nn.GELU}
@@ -73,7 +72,7 @@ def adapter_params(c_in: int, c_out: int, k: int, reduction: int) -> int:
     return hidden * (c_in // groups) * k * k + hidden + hidden * c_out + 2 * c_out
 
 
-class ConvAdapterLayer(AdapterLayer):
+class ConvAdapterLayer(TapHooks, AdapterLayer):
     """Grouped k x k conv, activation, 1 x 1 conv, per-channel scale; reads ``tap.source``, adds at ``tap.sink``.
 
     Args:
@@ -101,7 +100,7 @@ class ConvAdapterLayer(AdapterLayer):
                 for p in (self.conv_adapter_down_bias, self.conv_adapter_up_bias):
                     nn.init.normal_(p, std=0.1)
                 self.conv_adapter_scale.add_(torch.randn_like(self.conv_adapter_scale) * 0.1)
-        self._stash: torch.Tensor | None = None
+        self._stash = None
 
     def adapter(self, x: torch.Tensor, stride: int) -> torch.Tensor:
         """(B, C_in, H, W) -> (B, C_out, H / stride, W / stride)."""
@@ -110,30 +109,13 @@ class ConvAdapterLayer(AdapterLayer):
         h = F.conv2d(self.act(h), self.conv_adapter_up, self.conv_adapter_up_bias)
         return h * self.conv_adapter_scale.view(1, -1, 1, 1)
 
-    def attach(self, target: nn.Module) -> list[Any]:
-        source = target.get_submodule(self.tap.source)
-        sink = target.get_submodule(self.tap.sink)
-        return [
-            source.register_forward_hook(self._read, with_kwargs=True),
-            sink.register_forward_hook(self._write, with_kwargs=True),
-        ]
-
-    def _read(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if self.active:
-            self._stash = first_tensor(args, kwargs) if self.tap.read == "in" else output
-
-    def _write(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
-        if not self.active:
-            return None
-        x, self._stash = self._stash, None
-        if x is None:
-            raise RuntimeError(f"conv_adapter: {self.tap.source!r} did not run before {self.tap.sink!r}")
+    def contribution(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         delta = self.adapter(x, self.stride if self.tap.read == "in" else 1)
         if delta.shape != output.shape:
             raise RuntimeError(
                 f"conv_adapter output {tuple(delta.shape)} does not match the site output {tuple(output.shape)}"
             )
-        return output + delta.to(output.dtype)
+        return delta
 
 
 @register_method("conv_adapter")
