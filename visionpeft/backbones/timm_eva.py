@@ -12,6 +12,8 @@ join blocks whose rotary embedding or relative position bias is sized for the pa
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch.nn as nn
 
 from .._registry import register_backbone
@@ -83,55 +85,38 @@ _PRE_NORM_TAPS = {
 
 _HOSTED = _B + r"\.attn\.qkv"
 
-TIMM_EVA = register_backbone(
-    BackboneSpec(
-        name="timm_eva",
-        match=_is_eva,
-        roles=_roles(),
-        layouts={r: "NLC" for r in ("block", "attn", "mlp")},
-        default_layout="NLC",
-        head=classifier_at("head"),
-        num_prefix_tokens=lambda m: int(m.num_prefix_tokens),
-        patch_size=_patch,
-        taps=_PRE_NORM_TAPS,
-        hosted_weights=_HOSTED,
-        prompt_refusal=_eva_prompt_refusal,
-    )
-)
 
+def _token_spec(
+    name: str, match: Callable[[nn.Module], bool], taps: dict[str, Tap], refusal: Callable
+) -> BackboneSpec:
+    """A spec of one of these flat-token families: the same roles, layouts, head and hosted ``qkv``."""
+    return register_backbone(
+        BackboneSpec(
+            name=name,
+            match=match,
+            roles=_roles(),
+            layouts={r: "NLC" for r in ("block", "attn", "mlp")},
+            default_layout="NLC",
+            head=classifier_at("head"),
+            num_prefix_tokens=lambda m: int(m.num_prefix_tokens),
+            patch_size=_patch,
+            taps=taps,
+            hosted_weights=_HOSTED,
+            prompt_refusal=refusal,
+        )
+    )
+
+
+TIMM_EVA = _token_spec("timm_eva", _is_eva, _PRE_NORM_TAPS, _eva_prompt_refusal)
 # EvaBlockPostNorm: x + drop_path1(norm1(attn(x))), x + drop_path2(norm2(mlp(x))); no LayerScale
-TIMM_EVA_POST_NORM = register_backbone(
-    BackboneSpec(
-        name="timm_eva_post_norm",
-        match=lambda m: _is_eva(m, post_norm=True),
-        roles=_roles(),
-        layouts={r: "NLC" for r in ("block", "attn", "mlp")},
-        default_layout="NLC",
-        head=classifier_at("head"),
-        num_prefix_tokens=lambda m: int(m.num_prefix_tokens),
-        patch_size=_patch,
-        taps={
-            "attn": Tap("drop_path1", "in", "drop_path1"),
-            "mlp": Tap("drop_path2", "in", "drop_path2"),
-            "mlp_residual": Tap("mlp", "in", "drop_path2"),
-        },
-        hosted_weights=_HOSTED,
-        prompt_refusal=_eva_prompt_refusal,
-    )
+TIMM_EVA_POST_NORM = _token_spec(
+    "timm_eva_post_norm",
+    lambda m: _is_eva(m, post_norm=True),
+    {
+        "attn": Tap("drop_path1", "in", "drop_path1"),
+        "mlp": Tap("drop_path2", "in", "drop_path2"),
+        "mlp_residual": Tap("mlp", "in", "drop_path2"),
+    },
+    _eva_prompt_refusal,
 )
-
-TIMM_BEIT = register_backbone(
-    BackboneSpec(
-        name="timm_beit",
-        match=_is_beit,
-        roles=_roles(),
-        layouts={r: "NLC" for r in ("block", "attn", "mlp")},
-        default_layout="NLC",
-        head=classifier_at("head"),
-        num_prefix_tokens=lambda m: int(m.num_prefix_tokens),
-        patch_size=_patch,
-        taps=_PRE_NORM_TAPS,
-        hosted_weights=_HOSTED,
-        prompt_refusal=_beit_prompt_refusal,
-    )
-)
+TIMM_BEIT = _token_spec("timm_beit", _is_beit, _PRE_NORM_TAPS, _beit_prompt_refusal)
