@@ -15,23 +15,25 @@ def _is_swin(model: nn.Module) -> bool:
 
 
 _B = r"layers\.\d+\.blocks\.\d+"
+# the module names of timm's Swin blocks, shared by v1 and v2
+SWIN_ROLES = {
+    "stage": r"layers\.\d+",
+    "block": _B,
+    "attn": _B + r"\.attn",
+    "qkv": _B + r"\.attn\.qkv",
+    "attn_out": _B + r"\.attn\.proj",
+    "mlp": _B + r"\.mlp",
+    "mlp_in": _B + r"\.mlp\.fc1",
+    "mlp_out": _B + r"\.mlp\.fc2",
+    "norm": _B + r"\.norm[12]",
+    "patch_embed": r"patch_embed\.proj",
+}
 
 TIMM_SWIN = register_backbone(
     BackboneSpec(
         name="timm_swin",
         match=_is_swin,
-        roles={
-            "stage": r"layers\.\d+",
-            "block": _B,
-            "attn": _B + r"\.attn",
-            "qkv": _B + r"\.attn\.qkv",
-            "attn_out": _B + r"\.attn\.proj",
-            "mlp": _B + r"\.mlp",
-            "mlp_in": _B + r"\.mlp\.fc1",
-            "mlp_out": _B + r"\.mlp\.fc2",
-            "norm": _B + r"\.norm[12]",
-            "patch_embed": r"patch_embed\.proj",
-        },
+        roles=SWIN_ROLES,
         # WindowAttention sees (num_windows*B, window_area, C); blocks and MLPs (B, H, W, C)
         layouts={"stage": "NHWC", "block": "NHWC", "attn": "NLC", "mlp": "NHWC"},
         default_layout="NHWC",

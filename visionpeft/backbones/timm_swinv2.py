@@ -8,34 +8,24 @@ attention reads its ``qkv`` weight with ``F.linear`` (separate q / v biases): a 
 
 from __future__ import annotations
 
+import torch.nn as nn
+
 from .._registry import register_backbone
 from ._spec import BackboneSpec, Tap, classifier_at
+from .timm_swin import SWIN_ROLES
 
 
-def _is_swinv2(model) -> bool:  # noqa: ANN001
+def _is_swinv2(model: nn.Module) -> bool:
     from timm.models.swin_transformer_v2 import SwinTransformerV2
 
     return isinstance(model, SwinTransformerV2)
 
 
-_B = r"layers\.\d+\.blocks\.\d+"
-
 TIMM_SWINV2 = register_backbone(
     BackboneSpec(
         name="timm_swinv2",
         match=_is_swinv2,
-        roles={
-            "stage": r"layers\.\d+",
-            "block": _B,
-            "attn": _B + r"\.attn",
-            "qkv": _B + r"\.attn\.qkv",
-            "attn_out": _B + r"\.attn\.proj",
-            "mlp": _B + r"\.mlp",
-            "mlp_in": _B + r"\.mlp\.fc1",
-            "mlp_out": _B + r"\.mlp\.fc2",
-            "norm": _B + r"\.norm[12]",
-            "patch_embed": r"patch_embed\.proj",
-        },
+        roles=SWIN_ROLES,
         layouts={"stage": "NHWC", "block": "NHWC", "attn": "NLC", "mlp": "NLC"},
         default_layout="NHWC",
         head=classifier_at("head.fc"),
@@ -46,6 +36,6 @@ TIMM_SWINV2 = register_backbone(
             "mlp": Tap("drop_path2", "in", "drop_path2", "NLC"),
             "mlp_residual": Tap("mlp", "in", "drop_path2", "NLC"),
         },
-        hosted_weights=_B + r"\.attn\.qkv",
+        hosted_weights=SWIN_ROLES["qkv"],
     )
 )
