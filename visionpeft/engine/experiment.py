@@ -1,11 +1,11 @@
 """Experiment configs: YAML files that map 1:1 onto dataclasses.
 
-A config file has the sections ``model``, ``method``, ``data``, ``optimizer``, ``schedule`` and
-``runtime``; each maps onto the dataclass of the same name below (``method`` onto the registered
-method's config, chosen by its ``name`` key). A file may name one ``_base_`` file (a path relative to
-itself) whose values it overrides; the base may not have a base of its own. Command-line overrides
-``key.sub=value`` are parsed as YAML scalars and type-checked against the dataclass field; a misspelt
-key fails and suggests the right one.
+A config file has the sections ``model``, ``method``, ``task``, ``data``, ``optimizer``, ``schedule`` and
+``runtime`` (without ``task``: classification); each maps onto the dataclass of the same name below
+(``method`` onto the registered method's config, chosen by its ``name`` key).
+A file may name one ``_base_`` file (a path relative to itself) whose values it overrides; the base may not
+have a base of its own. Command-line overrides ``key.sub=value`` are parsed as YAML scalars and type-checked
+against the dataclass field; a misspelt key fails and suggests the right one.
 """
 
 from __future__ import annotations
@@ -73,6 +73,27 @@ class ModelConfig:
         _at_least("model.img_size", self.img_size, 1, optional=True)
 
 
+# the data keys that only dense tasks (segmentation, detection) read
+DENSE_DATA_KEYS = (
+    "crop_size",
+    "scale",
+    "ratio_range",
+    "cat_max_ratio",
+    "photometric",
+    "reduce_zero_label",
+    "ignore_index",
+    "classes",
+    "classes_file",
+    "train_ann",
+    "eval_ann",
+    "train_images",
+    "eval_images",
+    "masks",
+    "num_train",
+    "num_eval",
+)
+
+
 @dataclasses.dataclass
 class DataConfig:
     """Args: dataset: ``vtab``, ``digits`` (the embedded default), ``imagefolder`` (``root/train/<class>/*``,
@@ -116,6 +137,23 @@ class DataConfig:
     cutmix: float = 0.0
     mixup_prob: float = 1.0
     mixup_switch_prob: float = 0.5
+    # dense prediction (task.name segmentation / detection; see DENSE_DATA_DOC)
+    crop_size: int = 512
+    scale: list[int] = dataclasses.field(default_factory=lambda: [2048, 512])
+    ratio_range: list[float] = dataclasses.field(default_factory=lambda: [0.5, 2.0])
+    cat_max_ratio: float = 0.75
+    photometric: bool = True
+    reduce_zero_label: bool | None = None
+    ignore_index: int = 255
+    classes: list[str] | None = None
+    classes_file: str | None = None
+    train_ann: str | None = None
+    eval_ann: str | None = None
+    train_images: str | None = None
+    eval_images: str | None = None
+    masks: bool = False
+    num_train: int | None = None
+    num_eval: int | None = None
 
     def __post_init__(self) -> None:
         _one_of(
@@ -130,6 +168,15 @@ class DataConfig:
             _positive(f"data.std[{i}]", v)
         for i, v in enumerate(self.mean):
             _finite(f"data.mean[{i}]", v)
+        _at_least("data.crop_size", self.crop_size, 1)
+        if len(self.scale) != 2 or min(self.scale) < 1:
+            raise ConfigError(f"data.scale must be two sizes [long, short] >= 1, e.g. [2048, 512], got {self.scale!r}")
+        if len(self.ratio_range) != 2 or not 0 < self.ratio_range[0] <= self.ratio_range[1]:
+            raise ConfigError(f"data.ratio_range must be [low, high] with 0 < low <= high, got {self.ratio_range!r}")
+        if not 0 < self.cat_max_ratio <= 1:
+            raise ConfigError(f"data.cat_max_ratio must be in (0, 1] (1: off), got {self.cat_max_ratio!r}")
+        _at_least("data.num_train", self.num_train, 1, optional=True)
+        _at_least("data.num_eval", self.num_eval, 1, optional=True)
 
 
 @dataclasses.dataclass
@@ -158,13 +205,18 @@ class OptimizerConfig:
 
 @dataclasses.dataclass
 class ScheduleConfig:
-    """Cosine decay with linear warm-up, in epochs."""
+    """Linear warm-up then decay, in epochs. name: ``cosine`` (timm) or ``poly`` (mmseg: ``(1 - t) ** power``
+    down to ``min_lr``)."""
 
     epochs: int = 100
     warmup_epochs: int = 10
     min_lr: float = 1e-8
+    name: str = "cosine"
+    power: float = 1.0
 
     def __post_init__(self) -> None:
+        _one_of("schedule.name", self.name, ("cosine", "poly"))
+        _positive("schedule.power", self.power)
         _at_least("schedule.epochs", self.epochs, 1)
         if not 0 <= self.warmup_epochs <= self.epochs:
             raise ConfigError(
@@ -203,8 +255,55 @@ class RuntimeConfig:
         _at_least("runtime.threads", self.threads, 1, optional=True)
 
 
+TASKS = ("classification", "segmentation", "detection")
+
+
+@dataclasses.dataclass
+class TaskConfig:
+    """What the model predicts. Args: name: ``classification``, ``segmentation`` or ``detection``. neck: the
+    feature pyramid of a dense task (``native`` stages, ``simple_pyramid`` (ViTDet) or ``vit_adapter``; ``None``:
+    native for hierarchical backbones, simple_pyramid for plain ViTs). neck_kwargs: its options. head: the
+    segmentation head (``upernet``, ``fpn``, ``segformer``, ``linear``) or the detector (``faster_rcnn``,
+    ``mask_rcnn``, ``retinanet``, ``fcos``); ``None``: upernet / faster_rcnn. head_kwargs: its options. aux_weight:
+    weight of the auxiliary FCN head's loss (0: no auxiliary head; mmseg's UperNet recipes: 0.4). dice_weight:
+    weight of a dice loss added to the cross-entropy. inference: ``whole`` image or ``slide`` window (segmentation).
+    slide_crop, slide_stride: the window and its step (``None``: data.crop_size and two thirds of it)."""
+
+    name: str = "classification"
+    neck: str | None = None
+    neck_kwargs: dict = dataclasses.field(default_factory=dict)
+    head: str | None = None
+    head_kwargs: dict = dataclasses.field(default_factory=dict)
+    aux_weight: float = 0.0
+    dice_weight: float = 0.0
+    inference: str = "whole"
+    slide_crop: int | None = None
+    slide_stride: int | None = None
+
+    def __post_init__(self) -> None:
+        _one_of("task.name", self.name, TASKS)
+        _one_of("task.inference", self.inference, ("whole", "slide"))
+        for key in ("aux_weight", "dice_weight"):
+            _finite(f"task.{key}", getattr(self, key))
+            if getattr(self, key) < 0:
+                raise ConfigError(f"task.{key} must be >= 0, got {getattr(self, key)!r}")
+        _at_least("task.slide_crop", self.slide_crop, 1, optional=True)
+        _at_least("task.slide_stride", self.slide_stride, 1, optional=True)
+        if self.name == "classification":
+            for key in ("neck", "head"):
+                if getattr(self, key) is not None:
+                    raise ConfigError(
+                        f"task.{key} is for dense tasks; set task.name to segmentation or detection, or remove it"
+                    )
+
+    @property
+    def dense(self) -> bool:
+        return self.name != "classification"
+
+
 SECTIONS = {
     "model": ModelConfig,
+    "task": TaskConfig,
     "data": DataConfig,
     "optimizer": OptimizerConfig,
     "schedule": ScheduleConfig,
@@ -216,6 +315,7 @@ SECTIONS = {
 class ExperimentConfig:
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     method: MethodConfig = dataclasses.field(default_factory=lambda: get_method("lora").config_cls())
+    task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
@@ -304,7 +404,7 @@ def _build(cls: type, data: dict[str, Any], section: str) -> Any:
 
 def from_dict(data: dict[str, Any]) -> ExperimentConfig:
     """Build an :class:`ExperimentConfig` from nested mappings (unknown keys fail with a suggestion)."""
-    names = ["model", "method", "data", "optimizer", "schedule", "runtime"]
+    names = ["model", "method", "task", "data", "optimizer", "schedule", "runtime"]
     for key in data:
         if key not in names:
             raise ConfigError(f"unknown section {key!r}{_suggest(key, names)}")

@@ -21,7 +21,8 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float, head_lr: floa
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        head = "modules_to_save-" in name
+        # the classifier copy of a classification model; the heads of a dense model (its neck trains at lr)
+        head = "modules_to_save-" in name or name.startswith(("head.", "aux_head."))
         no_decay = p.ndim <= 1 or name in skip
         groups.setdefault((head, no_decay), []).append(p)
     out = []
@@ -43,6 +44,25 @@ def cosine_factor(step: int, total: int, warmup: int, min_ratio: float = 0.0) ->
         return 1.0
     t = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
+
+
+def poly_factor(step: int, total: int, warmup: int, min_ratio: float = 0.0, power: float = 1.0) -> float:
+    """LR multiplier of mmseg's poly schedule: linear warm-up to 1, then ``(1 - t) ** power`` down to ``min_ratio``."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if total <= warmup:
+        return 1.0
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * (1.0 - t) ** power
+
+
+def lr_factor(
+    step: int, total: int, warmup: int, min_ratio: float = 0.0, name: str = "cosine", power: float = 1.0
+) -> float:
+    """The multiplier of schedule ``name`` (``cosine`` or ``poly``) at ``step``."""
+    if name == "poly":
+        return poly_factor(step, total, warmup, min_ratio, power)
+    return cosine_factor(step, total, warmup, min_ratio)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> None:

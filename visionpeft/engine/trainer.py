@@ -23,11 +23,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._io import save_json
-from .build import build_model
 from .checkpoint import config_differences, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import GlobalBatchSampler, ShardSampler, all_reduce_sum, barrier, init_distributed
 from .experiment import ExperimentConfig
-from .optim import EMA, cosine_factor, param_groups, set_lr
+from .optim import EMA, lr_factor, param_groups, set_lr
+from .tasks import make_task
 
 CKPT_NAME = "last.ckpt"
 
@@ -132,8 +132,6 @@ class Trainer:
         progress: bool = True,
         restart: bool = False,
     ) -> None:
-        from ..data.build import build_datasets, build_mixup
-
         self.cfg = cfg
         rt = cfg.runtime
         if rt.threads:
@@ -152,10 +150,11 @@ class Trainer:
         self.last_good: tuple[Path, int] | None = None  # the newest checkpoint written from a finite state
         seed_everything(rt.seed)
 
-        self.train_set, self.eval_set, self.num_classes, self.task = build_datasets(cfg.data)
-        self.peft = build_model(cfg, self.num_classes).to(self.device)
-        # mixup / cutmix of training batches (None: off); evaluation never mixes
-        self.mixup = build_mixup(cfg.data, cfg.model.num_classes or self.num_classes)
+        # the task (classification, segmentation, detection) builds the data and the model, and computes the loss
+        # and the metrics; ``self.task`` is the dataset's name (VTAB task, folder name)
+        self.kind = make_task(cfg)
+        self.train_set, self.eval_set, self.num_classes, self.task = self.kind.datasets()
+        self.peft = self.kind.build_model(self.num_classes).to(self.device)
         self.model: nn.Module = self.peft
         self._trainable = [p for p in self.peft.parameters() if p.requires_grad]
         if self.world > 1:
@@ -170,6 +169,7 @@ class Trainer:
             self.train_set,
             batch_sampler=self.sampler,
             generator=torch.Generator().manual_seed(rt.seed + self.rank),
+            collate_fn=self.kind.collate(train=True),
             **workers,
         )
         self.eval_loader = torch.utils.data.DataLoader(
@@ -177,6 +177,7 @@ class Trainer:
             batch_size=max(1, d.batch_size // self.world),
             sampler=ShardSampler(len(self.eval_set), self.rank, self.world),
             generator=torch.Generator().manual_seed(rt.seed),
+            collate_fn=self.kind.collate(train=False),
             **workers,
         )
         self.optimizer = torch.optim.AdamW(
@@ -194,6 +195,15 @@ class Trainer:
         self._tb = None
         if resume is not None:
             self._resume(Path(resume))
+
+    @property
+    def mixup(self) -> Any:
+        """Mixup / cutmix of classification training batches (``None``: off); evaluation never mixes."""
+        return self.kind.mixup
+
+    @mixup.setter
+    def mixup(self, value: Any) -> None:
+        self.kind.mixup = value
 
     # checkpoints ---------------------------------------------------------------------------------
     def _prepare_run_folder(self, resuming: bool, restart: bool) -> None:
@@ -312,16 +322,12 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=n_batches, desc=f"epoch {self.epoch + 1}/{cfg.schedule.epochs}", leave=False)
-        for i, (x, y) in enumerate(self.train_loader):
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            if self.mixup is not None:  # soft targets (B, num_classes)
-                x, y = self.mixup(x, y)
+        for i, batch in enumerate(self.train_loader):
+            batch = self.kind.to_device(batch, self.device)
             sync = (i + 1) % accum == 0 or i + 1 == n_batches
             ctx = self.model.no_sync() if (self.world > 1 and not sync) else contextlib.nullcontext()
             with ctx:
-                with self._autocast():
-                    logits = self.model(x)
-                loss = self.mixup.loss(logits.float(), y) if self.mixup else F.cross_entropy(logits.float(), y)
+                loss = self.kind.loss(self.model, batch, self._autocast)
                 global_loss = all_reduce_sum(loss.detach().clone()) / self.world
                 if not torch.isfinite(global_loss):
                     raise self._non_finite(
@@ -331,7 +337,7 @@ class Trainer:
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             if sync:
                 self._optimizer_step()
-            seen += x.shape[0] * self.world
+            seen += self.kind.batch_size(batch) * self.world
             loss_sum += global_loss.item()
             rate = seen / max(time.perf_counter() - t0, 1e-9)
             if bar is not None:
@@ -364,7 +370,9 @@ class Trainer:
             if self.scaler:
                 self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_([p for p in self.peft.parameters() if p.requires_grad], o.clip_grad)
-        set_lr(self.optimizer, cosine_factor(self.step, self.total_steps, self.warmup_steps, self.min_ratio))
+        sched = self.cfg.schedule
+        factor = lr_factor(self.step, self.total_steps, self.warmup_steps, self.min_ratio, sched.name, sched.power)
+        set_lr(self.optimizer, factor)
         try:
             if self.scaler:
                 self.scaler.step(self.optimizer)
@@ -401,16 +409,16 @@ class Trainer:
             return "?"
 
     def evaluate(self) -> dict[str, float]:
-        """Top-1 accuracy (percent) and mean loss over the evaluation split, every sample counted once."""
+        """The task's metrics over the evaluation split, every sample counted once (classification: top-1
+        accuracy in percent and mean loss; segmentation: mIoU / mAcc / aAcc; detection: COCO mAP)."""
         if self.ema:
             self.ema.swap(self.peft)
         try:
-            stats = evaluation_sums(self.peft, self.eval_loader, self.device, self._autocast)
+            metrics = self.kind.evaluate(self.peft, self.eval_loader, self.device, self._autocast)
         finally:
             if self.ema:
                 self.ema.swap(self.peft)
-        metrics = summarize(all_reduce_sum(stats))
-        if not math.isfinite(metrics["eval_loss"]):
+        if "eval_loss" in metrics and not math.isfinite(metrics["eval_loss"]):
             raise self._non_finite(f"non-finite evaluation loss {metrics['eval_loss']} after epoch {self.epoch}")
         return metrics
 
@@ -438,11 +446,12 @@ class Trainer:
             rec = {"epoch": self.epoch, "step": self.step, "train_loss": train_loss}
             if last or self.epoch % rt.eval_every == 0:
                 metrics = self._evaluate_or_keep(rec)
-                rec.update(metrics)
+                rec.update({k: v for k, v in metrics.items() if k != "per_class_IoU"})
             self.history.append(rec)
             self._log(rec)
             if self.main:
-                extra = f" top1 {metrics['top1']:.2f}" if "top1" in rec else ""
+                key = self.kind.main_metric
+                extra = f" {key} {metrics[key]:.2f}" if key in rec else ""
                 print(f"epoch {self.epoch}/{cfg.schedule.epochs} train_loss {train_loss:.4f}{extra}", flush=True)
             if last or self.epoch % rt.ckpt_every == 0 or self.epoch == stop:
                 self.save_checkpoint()
@@ -473,11 +482,11 @@ class Trainer:
         trainable, total = self.peft.get_nb_trainable_parameters()
         result = {
             "task": self.task,
+            "kind": self.kind.name,
             "method": self.cfg.method.method,
             "model": self.cfg.model.name,
-            "top1": metrics["top1"],
-            "eval_loss": metrics["eval_loss"],
-            "eval_samples": metrics["eval_samples"],
+            "metric": self.kind.main_metric,
+            **metrics,
             "trainable_params": trainable,
             "total_params": total,
             "epochs": self.epoch,
@@ -490,8 +499,10 @@ class Trainer:
             if self.ema:
                 self.ema.swap(self.peft)
             self.peft.save_adapter(self.out / "adapter")
-            classes = getattr(self.train_set, "classes", None)
-            if classes:  # class names of ImageFolder / CSV data, for tools/predict.py
+            classes = self.kind.classes
+            if (
+                classes and self.kind.name == "classification"
+            ):  # class names of ImageFolder / CSV data, for tools/predict.py
                 save_json(self.out / "adapter" / "classes.json", list(classes))
             if self.ema:
                 self.ema.swap(self.peft)
