@@ -26,7 +26,7 @@ HEAD_KWARGS = {"upernet": {"channels": 16}, "fpn": {"channels": 8, "fpn_channels
 
 
 def _pyramid(b: int, h: int, w: int, channels: list[int] = CHANNELS) -> list[torch.Tensor]:
-    return [torch.randn(b, c, math.ceil(h / s), math.ceil(w / s)) for c, s in zip(channels, STRIDES)]
+    return [torch.randn(b, c, math.ceil(h / s), math.ceil(w / s)) for c, s in zip(channels, STRIDES, strict=True)]
 
 
 # ---------------------------------------------------------------- segmentation heads
@@ -222,7 +222,7 @@ class _FakeFeatures(nn.Module):
 
 def _targets(name, sizes, boxes):
     out = []
-    for (h, w), b in zip(sizes, boxes):
+    for (h, w), b in zip(sizes, boxes, strict=True):
         b = torch.tensor(b, dtype=torch.float32).reshape(-1, 4)
         t = {"boxes": b, "labels": torch.randint(1, 4, (len(b),))}
         if name == "mask_rcnn":
@@ -263,7 +263,7 @@ def test_detector_trains_and_predicts(name):
         preds = det(images)
     assert len(preds) == 2
     keys = {"boxes", "labels", "scores"} | ({"masks"} if name == "mask_rcnn" else set())
-    for p, (h, w) in zip(preds, sizes):
+    for p, (h, w) in zip(preds, sizes, strict=True):
         assert keys <= set(p)
         n = len(p["boxes"])
         assert n > 0 and p["boxes"].shape == (n, 4) and p["scores"].shape == (n,) and p["labels"].shape == (n,)
@@ -305,6 +305,16 @@ def test_detector_pyramid_levels_and_anchors_follow_torchvision():
     with torch.no_grad():
         pyramid = fcos.backbone(torch.rand(1, 3, 64, 64))
     assert [tuple(v.shape[-2:]) for v in pyramid.values()] == [(8, 8), (4, 4), (2, 2), (1, 1), (1, 1)]
+
+
+def test_detector_keeps_a_features_module_out_of_its_state():
+    feats = _FakeFeatures()
+    det = build_detector("faster_rcnn", feats, [8] * 4, 3, fpn_channels=32)  # the module itself, no closure
+    assert det.backbone.features is feats
+    assert not [k for k in det.state_dict() if "stem" in k or "downs" in k]
+    assert not {id(p) for p in feats.parameters()} & {id(p) for p in det.parameters()}
+    det.eval()
+    assert feats.training  # the caller owns the features' mode
 
 
 def test_detector_errors_list_choices():

@@ -187,12 +187,12 @@ def build_detector(
         raise ValueError(
             f"build_detector: {name} needs fpn_channels divisible by 32 (GroupNorm(32)), got {fpn_channels}"
         )
-    own = {"backbone", "num_classes", "min_size", "max_size", "image_mean", "image_std", "anchor_generator"}
+    # the torchvision class's own arguments, less those set here, plus its transform's (passed through **kwargs)
+    own = {"self", "backbone", "num_classes", "min_size", "max_size", "image_mean", "image_std", "anchor_generator"}
     own |= {"rpn_anchor_generator", "box_roi_pool", "mask_roi_pool"}
-    accepted = [n for n, p in inspect.signature(cls.__init__).parameters.items() if n != "self" and n not in own]
-    accepted = [
-        n for n in accepted if inspect.signature(cls.__init__).parameters[n].kind is not inspect.Parameter.VAR_KEYWORD
-    ]
+    params = inspect.signature(cls.__init__).parameters.items()
+    accepted = [n for n, p in params if n not in own and p.kind is not inspect.Parameter.VAR_KEYWORD]
+    accepted += ["size_divisible", "fixed_size"]
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise TypeError(
@@ -216,8 +216,8 @@ def build_detector(
     common = dict(min_size=min_size, max_size=max_size, image_mean=list(image_mean), image_std=list(image_std))
     if name in ("faster_rcnn", "mask_rcnn"):
         names = backbone.feature_names[: len(levels)]  # RoIs are pooled from the FPN maps, not the extra P6
-        kwargs.setdefault("box_roi_pool", MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2))
+        kwargs["box_roi_pool"] = MultiScaleRoIAlign(names, output_size=7, sampling_ratio=2)
         if name == "mask_rcnn":
-            kwargs.setdefault("mask_roi_pool", MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2))
+            kwargs["mask_roi_pool"] = MultiScaleRoIAlign(names, output_size=14, sampling_ratio=2)
         return cls(backbone, num_classes + 1, rpn_anchor_generator=anchors, **common, **kwargs)
     return cls(backbone, num_classes + 1, anchor_generator=anchors, **common, **kwargs)

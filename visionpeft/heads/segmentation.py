@@ -85,10 +85,10 @@ class _DecodeHead(nn.Module):
         in_channels, in_strides = [int(c) for c in in_channels], [int(s) for s in in_strides]
         if len(in_channels) != len(in_strides) or not in_channels:
             raise ValueError(
-                f"{type(self).__name__}: in_channels {in_channels} and in_strides {in_strides} must be non-empty lists "
-                "of the same length (one entry per feature map)"
+                f"{type(self).__name__}: in_channels {in_channels} and in_strides {in_strides} must be non-empty "
+                "lists of the same length (one entry per feature map)"
             )
-        if any(b <= a for a, b in zip(in_strides, in_strides[1:])):
+        if any(b <= a for a, b in zip(in_strides, in_strides[1:], strict=False)):
             raise ValueError(f"{type(self).__name__}: in_strides {in_strides} must be increasing (finest map first)")
         if num_classes < 1:
             raise ValueError(f"{type(self).__name__}: num_classes must be >= 1, got {num_classes}")
@@ -161,10 +161,12 @@ class UPerHead(_DecodeHead):
     def forward(self, feats: Sequence[Tensor]) -> Tensor:
         """Maps ``[(B, C_i, H_i, W_i)]`` -> logits (B, K, H_0, W_0)."""
         feats = self._check(feats)
-        laterals = [conv(f) for conv, f in zip(self.lateral_convs, feats)] + [self.psp_forward(feats[-1])]
+        laterals = [conv(f) for conv, f in zip(self.lateral_convs, feats[:-1], strict=True)] + [
+            self.psp_forward(feats[-1])
+        ]
         for i in range(len(laterals) - 1, 0, -1):
             laterals[i - 1] = laterals[i - 1] + _resize(laterals[i], laterals[i - 1].shape[-2:])
-        outs = [conv(lat) for conv, lat in zip(self.fpn_convs, laterals)] + [laterals[-1]]
+        outs = [conv(lat) for conv, lat in zip(self.fpn_convs, laterals[:-1], strict=True)] + [laterals[-1]]
         size = outs[0].shape[-2:]
         fused = self.fpn_bottleneck(torch.cat([_resize(o, size) for o in outs], dim=1))
         return self.cls_seg(fused)
@@ -202,7 +204,7 @@ class FPNHead(_DecodeHead):
         super().__init__(in_channels, in_strides, channels, num_classes, dropout)
         self.fpn = FeaturePyramidNetwork(self.in_channels, fpn_channels)
         self.scale_heads = nn.ModuleList()
-        for i, stride in enumerate(self.in_strides):
+        for stride in self.in_strides:
             steps = max(1, round(math.log2(stride / self.in_strides[0])))
             convs = [ConvModule(fpn_channels if k == 0 else channels, channels, 3, norm_layer) for k in range(steps)]
             self.scale_heads.append(nn.ModuleList(convs))
@@ -213,7 +215,7 @@ class FPNHead(_DecodeHead):
         pyramid = list(self.fpn(OrderedDict((str(i), f) for i, f in enumerate(feats))).values())
         sizes = [f.shape[-2:] for f in feats]
         out = None
-        for i, (convs, x) in enumerate(zip(self.scale_heads, pyramid)):
+        for i, (convs, x) in enumerate(zip(self.scale_heads, pyramid, strict=True)):
             for k, conv in enumerate(convs):
                 x = conv(x)
                 if i > 0:  # upsample one level per conv, onto the exact size of the next finer map
@@ -256,7 +258,7 @@ class SegFormerHead(_DecodeHead):
         """Maps ``[(B, C_i, H_i, W_i)]`` -> logits (B, K, H_0, W_0)."""
         feats = self._check(feats)
         size = feats[0].shape[-2:]
-        outs = [_resize(lin(f), size) for lin, f in zip(self.linears, feats)]
+        outs = [_resize(lin(f), size) for lin, f in zip(self.linears, feats, strict=True)]
         return self.cls_seg(self.fuse(torch.cat(outs[::-1], dim=1)))
 
 
