@@ -82,10 +82,16 @@ class PlainViT:
         else:
             th, tw = self.img_size
             if h > th or w > tw:
+                how = (
+                    "timm's BEiT has no dynamic_img_size: create it with a larger img_size (or call its "
+                    "set_input_size before attaching adapters)"
+                    if self.kind == "beit"
+                    else "Create the backbone with timm.create_model(..., dynamic_img_size=True) to accept any size"
+                )
                 raise ValueError(
-                    f"neck {self.neck!r}: this {type(self.model).__name__} takes a fixed img_size {th}x{tw}, the input "
-                    f"is {h}x{w}. Create the backbone with timm.create_model(..., dynamic_img_size=True) to accept any "
-                    f"size, or resize / crop the input to at most {th}x{tw} (smaller inputs are zero-padded)"
+                    f"neck {self.neck!r}: this {type(self.model).__name__} takes a fixed img_size {th}x{tw}, the "
+                    f"input is {h}x{w}. {how}, or resize / crop the input to at most {th}x{tw} (smaller inputs are "
+                    f"zero-padded)"
                 )
         return F.pad(x, (0, tw - w, 0, th - h)) if (th, tw) != (h, w) else x
 

@@ -50,15 +50,23 @@ def ms_deform_attn(
     if len(shapes) != levels:
         raise ValueError(f"ms_deform_attn: {len(shapes)} spatial shapes for {levels} levels of sampling locations")
     if sum(h * w for h, w in shapes) != s:
-        raise ValueError(f"ms_deform_attn: value has {s} positions, the spatial shapes {shapes} hold {sum(h * w for h, w in shapes)}")
-    starts = [int(i) for i in (level_start_index.tolist() if isinstance(level_start_index, torch.Tensor) else level_start_index)]
+        raise ValueError(
+            f"ms_deform_attn: value has {s} positions, the spatial shapes {shapes} hold "
+            f"{sum(h * w for h, w in shapes)}"
+        )
+    starts = [
+        int(i)
+        for i in (level_start_index.tolist() if isinstance(level_start_index, torch.Tensor) else level_start_index)
+    ]
     grids = 2 * sampling_locations - 1  # (B, Q, heads, L, P, 2)
     samples = []
     for lvl, (h, w) in enumerate(shapes):
         v = value[:, starts[lvl] : starts[lvl] + h * w]  # (B, HW, heads, Dh)
         v = v.permute(0, 2, 3, 1).reshape(b * heads, dh, h, w)
         g = grids[:, :, :, lvl].transpose(1, 2).reshape(b * heads, q, points, 2)
-        samples.append(F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False))  # (B*h, Dh, Q, P)
+        samples.append(
+            F.grid_sample(v, g, mode="bilinear", padding_mode="zeros", align_corners=False)
+        )  # (B*h, Dh, Q, P)
     sampled = torch.stack(samples, dim=-2).flatten(-2)  # (B*heads, Dh, Q, L*P)
     weights = attention_weights.transpose(1, 2).reshape(b * heads, 1, q, levels * points)
     out = (sampled * weights).sum(-1).view(b, heads * dh, q)
@@ -81,7 +89,9 @@ class MSDeformAttn(nn.Module):
         ratio: width of the value projection relative to ``d_model`` (ViT-Adapter's ``deform_ratio``).
     """
 
-    def __init__(self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4, ratio: float = 1.0) -> None:
+    def __init__(
+        self, d_model: int = 256, n_levels: int = 4, n_heads: int = 8, n_points: int = 4, ratio: float = 1.0
+    ) -> None:
         super().__init__()
         inner = int(d_model * ratio)
         if n_heads < 1 or inner % n_heads:

@@ -36,7 +36,7 @@ def unwrap(backbone: nn.Module) -> nn.Module:
 def crop(maps: list[torch.Tensor], size: tuple[int, int], reductions: list[int]) -> list[torch.Tensor]:
     """Each (B, C, h, w) map cut to ``ceil(H / r) x ceil(W / r)`` of the unpadded input size (H, W)."""
     out = []
-    for m, r in zip(maps, reductions):
+    for m, r in zip(maps, reductions, strict=True):
         h, w = math.ceil(size[0] / r), math.ceil(size[1] / r)
         if m.shape[-2] < h or m.shape[-1] < w:
             raise RuntimeError(f"a stride-{r} map is {tuple(m.shape[-2:])}, smaller than the {h}x{w} of the input")
@@ -111,7 +111,9 @@ class NativeNeck(Neck):
                 f"neck 'simple_pyramid' or 'vit_adapter'"
             )
         self.indices = [last[r] for r in REDUCTIONS]
-        self.feature_info = [{"num_chs": int(info[i]["num_chs"]), "reduction": r} for i, r in zip(self.indices, REDUCTIONS)]
+        self.feature_info = [
+            {"num_chs": int(info[i]["num_chs"]), "reduction": r} for i, r in zip(self.indices, REDUCTIONS, strict=True)
+        ]
         params = inspect.signature(model.forward_intermediates).parameters
         self._kwargs = {"intermediates_only": True}
         if "output_fmt" in params:
@@ -145,7 +147,7 @@ class NativeNeck(Neck):
             th, tw = math.ceil(h / 32) * 32, math.ceil(w / 32) * 32
         xp = F.pad(x, (0, tw - w, 0, th - h)) if (th, tw) != (h, w) else x
         maps = model.forward_intermediates(xp, indices=self.indices, **self._kwargs)
-        for m, f in zip(maps, self.feature_info):
+        for m, f in zip(maps, self.feature_info, strict=True):
             if m.ndim != 4 or m.shape[1] != f["num_chs"]:
                 raise RuntimeError(
                     f"neck 'native': {type(model).__name__}.forward_intermediates gave {tuple(m.shape)} for the "
@@ -175,7 +177,9 @@ class SimplePyramidNeck(Neck):
         final_norm: apply the model's final ``norm`` to the tokens.
     """
 
-    def __init__(self, backbone: nn.Module, out_channels: int = 256, block_index: int = -1, final_norm: bool = True) -> None:
+    def __init__(
+        self, backbone: nn.Module, out_channels: int = 256, block_index: int = -1, final_norm: bool = True
+    ) -> None:
         super().__init__()
         vit = PlainViT(unwrap(backbone), "simple_pyramid")
         if vit.patch[0] != vit.patch[1] or vit.patch[0] not in (4, 8, 16, 32):

@@ -58,7 +58,7 @@ class SpatialPriorModule(nn.Module):
         c2 = self.conv2(c1)
         c3 = self.conv3(c2)
         c4 = self.conv4(c3)
-        return [fc(c) for fc, c in zip(self.fc, (c1, c2, c3, c4))]
+        return [fc(c) for fc, c in zip(self.fc, (c1, c2, c3, c4), strict=True)]
 
 
 class ConvFFN(nn.Module):
@@ -76,7 +76,7 @@ class ConvFFN(nn.Module):
         x = self.fc1(x)
         b, _, c = x.shape
         parts = []
-        for part, (h, w) in zip(x.split([h * w for h, w in shapes], dim=1), shapes):
+        for part, (h, w) in zip(x.split([h * w for h, w in shapes], dim=1), shapes, strict=True):
             m = self.dwconv(part.transpose(1, 2).reshape(b, c, h, w))
             parts.append(m.flatten(2).transpose(1, 2))
         return self.fc2(self.act(torch.cat(parts, dim=1)))
@@ -175,6 +175,12 @@ class ViTAdapterNeck(Neck):
                 f"vit_adapter: add_vit_feature=True adds one interaction's ViT features to each of c1..c4, so "
                 f"interaction_indexes needs 4 groups; got {len(groups)}"
             )
+        for key, val in (("n_points", n_points), ("conv_inplane", conv_inplane)):
+            if int(val) < 1:
+                raise ValueError(f"vit_adapter: {key} must be a positive integer, got {val}")
+        for key, val in (("deform_ratio", deform_ratio), ("cffn_ratio", cffn_ratio)):
+            if not float(val) > 0:
+                raise ValueError(f"vit_adapter: {key} must be positive, got {val}")
         heads = int(n_heads) if n_heads is not None else (vit.num_heads or 6)
         if int(dim * deform_ratio) % heads:
             raise ValueError(
@@ -199,7 +205,7 @@ class ViTAdapterNeck(Neck):
     def _check_groups(groups: list[list[int]], depth: int) -> None:
         ok = bool(groups) and all(len(g) == 2 and g[0] <= g[1] for g in groups)
         ok = ok and groups[0][0] == 0 and groups[-1][1] == depth - 1
-        ok = ok and all(b[0] == a[1] + 1 for a, b in zip(groups, groups[1:]))
+        ok = ok and all(b[0] == a[1] + 1 for a, b in zip(groups, groups[1:], strict=False))
         if not ok:
             raise ValueError(
                 f"vit_adapter: interaction_indexes={groups} must be [start, end] block ranges, contiguous from block "
@@ -241,7 +247,7 @@ class ViTAdapterNeck(Neck):
 
         tokens = emb.tokens
         vit_maps = []
-        for (start, end), inj, ext in zip(self.groups, self.injectors, self.extractors):
+        for (start, end), inj, ext in zip(self.groups, self.injectors, self.extractors, strict=True):
             patches = inj(tokens[:, -hw:], inj_ref, c, inj_shapes, inj_start)
             tokens = torch.cat([tokens[:, :-hw], patches], dim=1)
             tokens = vit.run(emb, tokens, start, end + 1)
@@ -251,7 +257,7 @@ class ViTAdapterNeck(Neck):
         for ext in self.extra_extractors:
             c = ext(c, ext_ref, tokens[:, -hw:], ext_shapes, ext_start, shapes_c)
         parts = c.split([h * w for h, w in shapes_c], dim=1)
-        c2, c3, c4 = (p.transpose(1, 2).reshape(b, -1, h, w) for p, (h, w) in zip(parts, shapes_c))
+        c2, c3, c4 = (p.transpose(1, 2).reshape(b, -1, h, w) for p, (h, w) in zip(parts, shapes_c, strict=True))
         up = self.up(c2)
         c1 = c1 + up[..., : c1.shape[-2], : c1.shape[-1]]
         return [c1, c2, c3, c4], vit_maps, tokens, grid
@@ -263,6 +269,6 @@ class ViTAdapterNeck(Neck):
         if self.add_vit_feature:
             cs = [
                 c + F.interpolate(v, size=c.shape[-2:], mode="bilinear", align_corners=False)
-                for c, v in zip(cs, vit_maps)
+                for c, v in zip(cs, vit_maps, strict=True)
             ]
-        return crop([norm(c) for norm, c in zip(self.norms, cs)], (h, w), self.reductions)
+        return crop([norm(c) for norm, c in zip(self.norms, cs, strict=True)], (h, w), self.reductions)
