@@ -95,16 +95,20 @@ class ClassificationTask(Task):
 
 # ---------------------------------------------------------------------------------------------------------------
 def build_dense_backbone(cfg: ExperimentConfig) -> nn.Module:
-    """The timm backbone of a dense model: no classifier; plain ViTs with ``dynamic_img_size`` (any input size)."""
-    model_cfg = cfg.model
-    if "dynamic_img_size" not in model_cfg.kwargs:
-        import dataclasses
+    """The timm backbone of a dense model: no classifier; plain ViTs with ``dynamic_img_size`` and Swin with
+    ``strict_img_size=False``, so that any input size works (a family without these options is built without)."""
+    import dataclasses
 
-        trial = dataclasses.replace(model_cfg, kwargs={**model_cfg.kwargs, "dynamic_img_size": True})
+    model_cfg = cfg.model
+    for option in ("dynamic_img_size", "strict_img_size"):
+        if option in model_cfg.kwargs:
+            continue
+        value = option == "dynamic_img_size"
+        trial = dataclasses.replace(model_cfg, kwargs={**model_cfg.kwargs, option: value})
         try:
             return build_backbone(trial, 0)
         except TypeError as e:  # a family without the option (ConvNeXt, ResNet, ...)
-            if "dynamic_img_size" not in str(e):
+            if option not in str(e):
                 raise
     return build_backbone(model_cfg, 0)
 
