@@ -10,6 +10,7 @@ Example::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -31,10 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     import visionpeft as vp
-    from visionpeft.data.build import build_datasets
     from visionpeft.engine.build import build_backbone
     from visionpeft.engine.experiment import ConfigError, load_config
-    from visionpeft.engine.trainer import error_message, evaluation_sums, json_safe, seed_everything, summarize
+    from visionpeft.engine.tasks import build_dense_backbone, make_task
+    from visionpeft.engine.trainer import error_message, json_safe, seed_everything
 
     overrides = list(args.overrides) + ([f"data.root={args.data_root}"] if args.data_root else [])
     adapter = Path(args.adapter)
@@ -42,26 +43,49 @@ def main(argv: list[str] | None = None) -> int:
         adapter = adapter / "adapter"
     try:
         cfg = load_config(args.config, overrides)
+        kind = make_task(cfg)
         seed_everything(cfg.runtime.seed)  # the same base weights as training when they are random
-        _, eval_set, num_classes, task = build_datasets(cfg.data)
-        model = vp.load_adapter(build_backbone(cfg.model, num_classes), adapter)
+        _, eval_set, num_classes, task = kind.datasets()
+        seed_everything(cfg.runtime.seed)
+        base = build_dense_backbone(cfg) if cfg.task.dense else build_backbone(cfg.model, num_classes)
+        model = vp.load_adapter(base, adapter)
+        if cfg.task.dense != isinstance(model, vp.DenseModel):
+            raise ConfigError(
+                f"the adapter {adapter} is a {'dense' if isinstance(model, vp.DenseModel) else 'classification'} "
+                f"adapter, the config's task is {cfg.task.name}: use the run's own config.yaml"
+            )
         device = "cuda" if torch.cuda.is_available() and cfg.runtime.device != "cpu" else "cpu"
         model.to(device)
         loader = torch.utils.data.DataLoader(
-            eval_set, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers
+            eval_set,
+            batch_size=cfg.data.batch_size,
+            num_workers=cfg.data.num_workers,
+            collate_fn=kind.collate(train=False),
         )
-        metrics = summarize(evaluation_sums(model, loader, torch.device(device)))
+        metrics = kind.evaluate(model, loader, torch.device(device), contextlib.nullcontext)
     except (ConfigError, OSError, ValueError) as e:  # OSError: missing or unreadable files, corrupt images
         print(f"error: {error_message(e)}", file=sys.stderr)
         return 2
-    method = model.peft_config[model.active_adapter].method  # the adapter file decides, not the config
+    peft = model.peft if isinstance(model, vp.DenseModel) else model
+    method = peft.peft_config[peft.active_adapter].method  # the adapter file decides, not the config
     metrics = {
         "task": task,
+        "kind": kind.name,
         "method": method,
         "adapter": str(adapter),
+        "metric": kind.main_metric,
         **metrics,
     }
-    print(f"{task}: top1 {metrics['top1']:.2f}% on {metrics['eval_samples']} images ({method}, {adapter})")
+    main = kind.main_metric
+    print(f"{task}: {main} {metrics[main]:.2f} on {metrics['eval_samples']} images ({method}, {adapter})")
+    for key in ("mAcc", "aAcc", "bbox_mAP_50", "bbox_mAP_75", "segm_mAP", "segm_mAP_50"):
+        if key in metrics:
+            print(f"  {key} {metrics[key]:.2f}")
+    if "per_class_IoU" in metrics:
+        print(
+            "  per-class IoU: "
+            + ", ".join(f"{name} {'-' if v is None else f'{v:.1f}'}" for name, v in metrics["per_class_IoU"].items())
+        )
     if args.out:
         Path(args.out).write_text(json.dumps(json_safe(metrics), indent=2, allow_nan=False) + "\n", encoding="utf-8")
     return 0

@@ -6,6 +6,7 @@ Public API::
     model = vp.get_peft_model(timm_model, vp.LoRAConfig(rank=8, qkv_slices="qv"))
     model.save_adapter("out/run1")
     model = vp.load_adapter(timm_model, "out/run1")
+    dense = vp.DenseModel(vp.get_peft_model(headless_model, "lora", rank=8), "segmentation", num_classes=150)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from ._registry import get_backbone, get_method, list_backbones, list_methods
 from ._version import __version__
 from .backbones import BackboneSpec, detect_backbone
 from .config import MethodConfig
+from .dense import DenseModel, DenseSpec, load_adapter
 from .methods.adapter import AdapterConfig
 from .methods.adaptformer import AdaptFormerConfig
 from .methods.bitfit import BitFitConfig
@@ -27,7 +29,7 @@ from .methods.lora import LoRAConfig
 from .methods.parallel_adapter import ParallelAdapterConfig
 from .methods.ssf import SSFConfig
 from .methods.vpt import VPTConfig
-from .model import PeftVisionModel, get_peft_model, load_adapter
+from .model import PeftVisionModel, get_peft_model
 
 __all__ = [
     "__version__",
@@ -37,6 +39,8 @@ __all__ = [
     "BackboneSpec",
     "BitFitConfig",
     "ConvAdapterConfig",
+    "DenseModel",
+    "DenseSpec",
     "DoRAConfig",
     "FullFinetuneConfig",
     "LinearProbeConfig",
