@@ -349,6 +349,8 @@ class DetTransform:
     Args:
         compose: the albumentations pipeline with ``BboxParams(format="pascal_voc", label_fields=["labels",
             "box_ids"])`` (``box_ids`` keeps the instance masks of the boxes that survive).
+        geometric: whether ``compose`` moves pixels (boxes and masks go through it); ``False``: a pixel-only
+            pipeline (boxes and masks are passed on unchanged).
 
     Call args:
         image: (H, W, 3) uint8 RGB. target: ``boxes`` (N, 4) xyxy pixels, ``labels`` (N,), optionally ``masks``
@@ -359,21 +361,26 @@ class DetTransform:
         ``masks`` (M, h, w) uint8 when given, other keys as they came.
     """
 
-    def __init__(self, compose: A.Compose) -> None:
+    def __init__(self, compose: A.Compose, geometric: bool = True) -> None:
         self.compose = compose
+        self.geometric = geometric
 
     def __call__(self, image: np.ndarray, target: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         boxes = np.asarray(target["boxes"], dtype=np.float32).reshape(-1, 4)
         labels = np.asarray(target["labels"], dtype=np.int64).reshape(-1)
         masks = target.get("masks")
-        kwargs: dict[str, Any] = {"image": image, "bboxes": boxes, "labels": labels, "box_ids": np.arange(len(boxes))}
         has_masks = masks is not None and len(masks) > 0
-        if has_masks:
-            kwargs["masks"] = np.asarray(masks, dtype=np.uint8)
+        kwargs: dict[str, Any] = {"image": image}
+        if self.geometric:
+            kwargs.update(bboxes=boxes, labels=labels, box_ids=np.arange(len(boxes)))
+            if has_masks:
+                kwargs["masks"] = np.asarray(masks, dtype=np.uint8)
         out = self.compose(**kwargs)
         img = out["image"].float()
         h, w = img.shape[-2:]
         result = {k: v for k, v in target.items() if k not in ("boxes", "labels", "masks")}
+        if not self.geometric:  # pixels only: boxes and masks as they came
+            out = {"bboxes": boxes, "box_ids": np.arange(len(boxes)), "masks": masks}
         keep = np.asarray(out["box_ids"], dtype=np.int64).reshape(-1)
         result["boxes"] = torch.as_tensor(np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4))
         result["labels"] = torch.as_tensor(labels[keep], dtype=torch.int64)
@@ -390,8 +397,11 @@ class DetTransform:
 
 
 def _det_compose(steps: list[A.BasicTransform]) -> DetTransform:
+    tail = [A.ToFloat(max_value=255.0), ToTensorV2()]
+    if not steps:
+        return DetTransform(A.Compose(tail), geometric=False)
     bbox_params = A.BboxParams(format="pascal_voc", label_fields=["labels", "box_ids"], clip=True)
-    return DetTransform(A.Compose([*steps, A.ToFloat(max_value=255.0), ToTensorV2()], bbox_params=bbox_params))
+    return DetTransform(A.Compose([*steps, *tail], bbox_params=bbox_params))
 
 
 def det_train_transform(
