@@ -212,29 +212,27 @@ def ensure_digit_scenes(
     root: str | os.PathLike | None = None,
     num_train: int | None = None,
     num_val: int | None = None,
-    size: int = 64,
-    seed: int = 0,
+    size: int | None = None,
+    seed: int | None = None,
 ) -> Path:
     """The digit-scenes folder, written once (atomically) when absent.
 
     Args:
-        root: the folder; ``None``: ``default_cache_dir() / "digit_scenes-v1"`` for the default sizes, and a
-            sibling named after the sizes otherwise (``digit_scenes-v1-n100x20-s64-seed0``).
-        num_train: training scenes (``None``: 800). num_val: validation scenes (``None``: 200).
-        size: canvas side. seed: generation seed.
+        root: the folder; ``None``: ``default_cache_dir() / "digit_scenes-v1"`` for the default parameters, and a
+            sibling named after them otherwise (``digit_scenes-v1-n100x20-s64-seed0``).
+        num_train: training scenes. num_val: validation scenes. size: canvas side. seed: generation seed.
+            ``None``: the default (800, 200, 64, 0) when writing; when ``root`` already holds digit scenes, a
+            ``None`` accepts whatever they were made with, a value must match.
 
     Returns:
         The folder holding ``ADEChallengeData2016/``, ``coco/``, ``classes.txt`` and ``scenes.json``.
 
     Raises:
-        ValueError: ``root`` holds digit scenes made with other parameters, or other files.
+        ValueError: ``root`` holds digit scenes made with other (explicitly given) parameters, or other files.
     """
-    params = {
-        "num_train": _DEFAULTS["num_train"] if num_train is None else int(num_train),
-        "num_val": _DEFAULTS["num_val"] if num_val is None else int(num_val),
-        "size": int(size),
-        "seed": int(seed),
-    }
+    given = {"num_train": num_train, "num_val": num_val, "size": size, "seed": seed}
+    given = {k: int(v) for k, v in given.items() if v is not None}
+    params = {**_DEFAULTS, **given}
     if root is None:
         name = SCENES_VERSION
         if params != _DEFAULTS:
@@ -243,13 +241,17 @@ def ensure_digit_scenes(
     root = Path(root).expanduser()
     wanted = {"version": SCENES_VERSION, **params}
     found = _params_of(root)
-    if found == wanted:
+    if (
+        found is not None
+        and found.get("version") == SCENES_VERSION
+        and all(found.get(k) == v for k, v in given.items())
+    ):
         return root
     if found is not None or (root.is_dir() and any(root.iterdir())):
         what = f"digit scenes made with {found}" if found is not None else "other files"
         raise ValueError(
             f"{str(root)!r} already holds {what}, not the digit scenes {wanted}; remove the folder or choose "
-            "another root (data.root) for these sizes"
+            "another root (data.root) for these parameters"
         )
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=root.parent, prefix=f".{root.name}-"))

@@ -219,12 +219,10 @@ class SegmentationDataset(Dataset):
                 f"; reduce_zero_label is on (pixel value k is label k-1, 0 is ignored), so the file holds the values "
                 f"{raw}: check the class list, or turn reduce_zero_label off if 0 is a real class"
             )
-        hint = (
-            "; if 0 means 'unlabelled' in these masks and the classes are numbered from 1, set reduce_zero_label=True"
-            if int(bad.min()) == self.num_classes
-            else ""
+        return msg + (
+            f"; check the class list (it has {self.num_classes} names), and if 0 means 'unlabelled' in these "
+            "masks with the classes numbered from 1, set reduce_zero_label=True (now off)"
         )
-        return msg + f"; check the class list (it has {self.num_classes} names){hint}"
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image, mask = self.read(index)
