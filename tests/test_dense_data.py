@@ -4,6 +4,7 @@ the errors on bad input (each names the file)."""
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -164,6 +165,20 @@ def test_train_flip_moves_image_and_mask_together() -> None:
     pixels = (out_image.permute(1, 2, 0).numpy() * np.array(STD) + np.array(MEAN)) * 255
     assert np.abs(pixels - image[:, ::-1]).max() < 0.01  # flipped ...
     assert torch.equal(out_mask, torch.from_numpy(mask[:, ::-1].copy()).long())  # ... with its mask
+
+
+def test_each_dataloader_worker_draws_its_own_augmentations(monkeypatch) -> None:
+    # forked workers start from copies of one albumentations state; without a per-worker reseed they repeat
+    image = np.random.default_rng(3).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    mask = np.zeros((40, 60), np.uint8)
+    tf = seg_train_transform(32, scale=(64, 32))
+    draws = {}
+    for worker_seed in (11, 12, 11):
+        copy = pickle.loads(pickle.dumps(tf))  # what a worker process holds
+        monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda s=worker_seed: SimpleNamespace(seed=s))
+        draws.setdefault(worker_seed, []).append(torch.stack([copy(image, mask)[0] for _ in range(3)]))
+    assert not torch.equal(draws[11][0], draws[12][0])
+    assert torch.equal(draws[11][0], draws[11][1])  # reproducible from the worker's seed
 
 
 def test_eval_transform_keeps_the_mask_at_original_size() -> None:

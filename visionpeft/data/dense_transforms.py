@@ -241,6 +241,19 @@ def _pair(size: int | Sequence[int], name: str) -> tuple[int, int]:
     return hw  # type: ignore[return-value]
 
 
+def _reseed_in_worker(transform: SegTransform | DetTransform) -> None:
+    """Give each DataLoader worker its own albumentations random state.
+
+    Forked workers inherit the same generator state, so without this every worker would draw the same crops,
+    flips and colours. torch hands each worker a distinct seed (new for every epoch's workers, and reproducible
+    under ``torch.manual_seed``); the pipeline is reseeded from it once per worker.
+    """
+    info = torch.utils.data.get_worker_info()
+    if info is not None and transform._worker_seed != info.seed:
+        transform.compose.set_random_seed(info.seed % 2**32)
+        transform._worker_seed = info.seed
+
+
 class SegTransform:
     """A segmentation transform: ``(image, mask) -> (image tensor, mask tensor)``.
 
@@ -258,8 +271,10 @@ class SegTransform:
     def __init__(self, compose: A.Compose, resize_mask: bool = True) -> None:
         self.compose = compose
         self.resize_mask = resize_mask
+        self._worker_seed: int | None = None
 
     def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        _reseed_in_worker(self)
         if self.resize_mask:
             out = self.compose(image=image, mask=mask)
             return out["image"].float(), torch.as_tensor(np.asarray(out["mask"]), dtype=torch.long)
@@ -364,8 +379,10 @@ class DetTransform:
     def __init__(self, compose: A.Compose, geometric: bool = True) -> None:
         self.compose = compose
         self.geometric = geometric
+        self._worker_seed: int | None = None
 
     def __call__(self, image: np.ndarray, target: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        _reseed_in_worker(self)
         boxes = np.asarray(target["boxes"], dtype=np.float32).reshape(-1, 4)
         labels = np.asarray(target["labels"], dtype=np.int64).reshape(-1)
         masks = target.get("masks")
