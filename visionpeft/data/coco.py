@@ -16,6 +16,7 @@ import contextlib
 import io
 import json
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -216,7 +217,9 @@ class CocoDetection(Dataset):
             boxes.append((x1, y1, x2, y2))
             labels.append(self._label[ann["category_id"]])
             if self.masks:
-                masks.append(self.coco_api.annToMask(ann))
+                with warnings.catch_warnings():  # pycocotools under numpy 2: a DeprecationWarning per mask
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    masks.append(self.coco_api.annToMask(ann))
         target: dict[str, Any] = {
             "boxes": np.asarray(boxes, dtype=np.float32).reshape(-1, 4),
             "labels": np.asarray(labels, dtype=np.int64),
