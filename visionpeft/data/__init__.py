@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from .augment import BatchMixup, build_mixup, train_transform
 from .build import DATASETS, build_datasets, eval_transform, vtab_transform
+from .coco import CocoDetection
+from .dense import DENSE_DATASETS, build_dense_datasets
 from .digits import (
     IMAGE_SIZE,
     PRETRAIN_DIGITS,
@@ -19,6 +21,8 @@ from .digits import (
 from .embedded import ensure_digits_task
 from .files import ImageReadError, load_rgb, pil_to_rgb, read_text
 from .folders import CSVDataset, ImageFolderDataset, csv_datasets, imagefolder_datasets, read_label_csv
+from .scenes import SCENE_CLASSES, ensure_digit_scenes
+from .segmentation import ADE20K, ADE20K_CLASSES, SegFolder
 from .vtab import (
     VTAB_GROUPS,
     VTAB_INFO,
@@ -72,4 +76,12 @@ __all__ = [
     "csv_datasets",
     "imagefolder_datasets",
     "read_label_csv",
+    "ADE20K",
+    "ADE20K_CLASSES",
+    "CocoDetection",
+    "DENSE_DATASETS",
+    "SCENE_CLASSES",
+    "SegFolder",
+    "build_dense_datasets",
+    "ensure_digit_scenes",
 ]
