@@ -23,7 +23,7 @@ from visionpeft.data.dense_transforms import (
     seg_train_transform,
 )
 from visionpeft.data.files import ImageReadError
-from visionpeft.data.scenes import SCENE_CLASSES, digit_pools, ensure_digit_scenes, write_digit_scenes
+from visionpeft.data.scenes import SCENE_CLASSES, SCENES_VERSION, digit_pools, ensure_digit_scenes, write_digit_scenes
 from visionpeft.data.segmentation import ADE20K, ADE20K_CLASSES, SegFolder
 
 N_TRAIN, N_VAL = 24, 8
@@ -106,7 +106,7 @@ def test_scenes_are_written_once_deterministically(scenes: Path, tmp_path: Path,
         assert (again / rel).read_bytes() == (scenes / rel).read_bytes()
     monkeypatch.setenv("VISIONPEFT_CACHE", str(tmp_path / "cache"))
     root = ensure_digit_scenes(num_train=3, num_val=2)
-    assert root == tmp_path / "cache" / "digit_scenes-v1-n3x2-s64-seed0"
+    assert root == tmp_path / "cache" / f"{SCENES_VERSION}-n3x2-s64-seed0"
     assert (root / "classes.txt").read_text().split() == list(SCENE_CLASSES)
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [root.name]  # no temporary folder left
 

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Classify images with a trained adapter: top-k classes with probabilities, printed and written as CSV.
+"""Predict with a trained adapter: classes (top-k, printed and written as CSV), or, for a dense adapter, masks
+and boxes drawn as PNG pictures.
 
 Examples::
 
@@ -17,6 +18,13 @@ by training on an ImageFolder or a CSV with class names), otherwise the class in
 
 CSV columns: ``image``, then ``class_1, index_1, prob_1`` ... ``class_k, index_k, prob_k`` (rank 1 = the most
 likely class), one row per image.
+
+A dense adapter (segmentation or detection: the folder holds ``dense_config.json``) writes into ``--out-dir``
+(default ``predictions/``), per image: segmentation: ``<name>_mask.png`` (the label of each pixel, at the image's
+own size) and ``<name>_overlay.png`` (the colour-coded mask over the image, with a legend); detection:
+``<name>_boxes.png`` (boxes, labels, scores, instance masks) and ``<name>_boxes.json``. Images are read with the
+run's evaluation transform (segmentation: resized to ``data.scale`` keeping the ratio; ``task.inference`` whole
+or slide).
 """
 
 from __future__ import annotations
@@ -55,6 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--top-k", type=int, default=5, help="classes per image (default 5)")
     p.add_argument("--out", default="predictions.csv", help="CSV file to write (default predictions.csv)")
+    p.add_argument("--out-dir", default="predictions", help="folder of the pictures of a dense adapter")
+    p.add_argument("--score-threshold", type=float, default=0.3, help="detections drawn from this score (0.3)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--seed", type=int, help="seed before building the base model (default: the config's, or 0)")
@@ -190,6 +200,100 @@ def build(args: argparse.Namespace, adapter: Path, run: Path | None) -> tuple[An
     return model.to(device), transform, names, f"{model_cfg.name} + adapter {adapter} ({how}) on {device}"
 
 
+def build_dense(args: argparse.Namespace, adapter: Path, run: Path | None) -> tuple[Any, Any, str]:
+    """``(DenseModel, task, description)`` of a dense adapter; the base model and the transforms come from the
+    run's config (``--config`` or the run folder's ``config.yaml``)."""
+    import torch
+
+    import visionpeft as vp
+    from visionpeft.engine.experiment import load_config
+    from visionpeft.engine.tasks import build_dense_backbone, make_task
+    from visionpeft.engine.trainer import seed_everything
+
+    config = Path(args.config) if args.config else (run / "config.yaml" if run is not None else None)
+    if config is None:
+        raise PredictError(
+            f"{str(adapter)!r} holds a dense adapter; its base model, neck and transforms come from the run's "
+            "config: pass --config <the run's config.yaml>, or --adapter <the run folder>"
+        )
+    overrides = list(args.overrides)
+    if args.model:
+        overrides.append(f"model.name={args.model}")
+    if args.pretrained_file:
+        overrides.append(f"model.pretrained_file={args.pretrained_file}")
+    cfg = load_config(config, overrides)
+    if not cfg.task.dense:
+        raise PredictError(f"{adapter} holds a dense adapter but the config {config} has task.name={cfg.task.name}")
+    seed_everything(args.seed if args.seed is not None else cfg.runtime.seed)
+    model = vp.load_adapter(build_dense_backbone(cfg), adapter)
+    kind = make_task(cfg)
+    kind.classes = model.spec.classes or [str(i) for i in range(model.spec.num_classes)]
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    method = model.peft.peft_config[model.peft.active_adapter].method
+    return model, kind, f"{cfg.model.name} + {method} + {model.neck_name} + {model.spec.head} on {device}"
+
+
+def predict_dense(model: Any, kind: Any, images: list[Path], out_dir: Path, score_threshold: float) -> list[str]:
+    """Write the pictures (and masks / detections) of each image into ``out_dir``; one summary line per image."""
+    import contextlib
+
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from PIL import Image
+
+    from visionpeft.data.dense_transforms import det_eval_transform, seg_eval_transform
+    from visionpeft.data.files import ImageReadError, load_rgb
+    from visionpeft.engine.pictures import save_detection_png, save_segmentation_png
+
+    cfg, classes = kind.cfg, kind.classes
+    device = next(model.parameters()).device
+    lines = []
+    for path in images:
+        try:
+            rgb = np.asarray(load_rgb(path), dtype=np.uint8)
+        except ImageReadError as e:
+            raise PredictError(str(e)) from None
+        stem = out_dir / path.stem
+        h, w = rgb.shape[:2]
+        with torch.no_grad():
+            if kind.name == "segmentation":
+                tf = seg_eval_transform(cfg.data.scale, cfg.data.mean, cfg.data.std)
+                x, _ = tf(rgb, np.zeros((h, w), dtype=np.int64))
+                logits = kind.logits(model, x[None].to(device), contextlib.nullcontext)
+                mask = F.interpolate(logits, size=(h, w), mode="bilinear").argmax(1)[0].cpu().numpy()
+                out_dir.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(mask.astype(np.uint8 if len(classes) <= 256 else np.uint16)).save(f"{stem}_mask.png")
+                save_segmentation_png(f"{stem}_overlay.png", rgb, mask, classes, ignore_index=cfg.data.ignore_index)
+                counts = np.bincount(mask.ravel(), minlength=len(classes)) / mask.size
+                top = [f"{classes[c]} {100 * counts[c]:.1f}%" for c in np.argsort(-counts)[:4] if counts[c] > 0]
+                lines.append(f"{path}: {', '.join(top)} -> {stem}_overlay.png")
+            else:
+                x, _ = det_eval_transform()(rgb, {"boxes": np.zeros((0, 4)), "labels": np.zeros((0,), dtype=np.int64)})
+                pred = {k: v.cpu() for k, v in model([x.to(device)])[0].items()}
+                masks = pred["masks"][:, 0].numpy() if "masks" in pred else None
+                boxes, labels, scores = pred["boxes"].numpy(), pred["labels"].numpy(), pred["scores"].numpy()
+                save_detection_png(
+                    f"{stem}_boxes.png",
+                    rgb,
+                    boxes,
+                    labels,
+                    scores,
+                    classes,
+                    masks=masks,
+                    score_threshold=score_threshold,
+                )
+                keep = scores >= score_threshold
+                dets = [
+                    {"label": classes[int(lab) - 1], "score": float(s), "box": [float(v) for v in b]}
+                    for b, lab, s in zip(boxes[keep], labels[keep], scores[keep], strict=True)
+                ]
+                Path(f"{stem}_boxes.json").write_text(json.dumps(dets, indent=1) + "\n", encoding="utf-8")
+                lines.append(f"{path}: {len(dets)} detection(s) >= {score_threshold} -> {stem}_boxes.png")
+    return lines
+
+
 def predict(
     model: Any, transform: Any, images: list[Path], top_k: int, batch_size: int
 ) -> list[tuple[list[int], list[float]]]:
@@ -240,6 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         adapter, run = resolve_adapter(args.adapter)
         images = collect_images(args.images)
+        if (adapter / "dense_config.json").is_file():
+            model, kind, what = build_dense(args, adapter, run)
+            print(f"predicting {len(images)} image(s) with {what}", flush=True)
+            for line in predict_dense(model, kind, images, Path(args.out_dir), args.score_threshold):
+                print(line)
+            return 0
         model, transform, names, what = build(args, adapter, run)
         print(f"predicting {len(images)} image(s) with {what}", flush=True)
         preds = predict(model, transform, images, args.top_k, args.batch_size)

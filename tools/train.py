@@ -106,8 +106,9 @@ def run(args: argparse.Namespace) -> int:
             return 3
         if result and trainer.main:
             results.append(result)
+            key = result["metric"]
             print(
-                f"== {result['method']}: top1 {result['top1']:.2f}% on {result['eval_samples']} images "
+                f"== {result['method']}: {key} {result[key]:.2f}% on {result['eval_samples']} images "
                 f"in {result['seconds']:.1f}s",
                 flush=True,
             )
@@ -118,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
 
 def print_table(results: list[dict]) -> None:
     """Side-by-side summary of several runs."""
-    rows = [("method", "task", "trainable", "% of total", "top-1 (%)", "time (s)")]
+    rows = [("method", "task", "trainable", "% of total", "metric", "value (%)", "time (s)")]
     for r in results:
         rows.append(
             (
@@ -126,7 +127,8 @@ def print_table(results: list[dict]) -> None:
                 r["task"],
                 f"{r['trainable_params']:,}",
                 f"{100 * r['trainable_params'] / r['total_params']:.2f}",
-                f"{r['top1']:.2f}",
+                r["metric"],
+                f"{r[r['metric']]:.2f}",
                 f"{r['seconds']:.1f}",
             )
         )

@@ -117,6 +117,13 @@ class DenseModel(nn.Module):
     def task(self) -> str:
         return self.spec.task
 
+    @property
+    def neck_name(self) -> str:
+        """The neck in use (``spec.neck``, or the one chosen for the backbone)."""
+        from .necks import auto_neck
+
+        return self.spec.neck or auto_neck(self.peft.base_model)
+
     def features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """The neck's pyramid of the adapted backbone: NCHW maps at the strides of ``neck.feature_info``."""
         return self.neck(self.peft.base_model, x)
