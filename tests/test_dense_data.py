@@ -168,10 +168,10 @@ def test_train_flip_moves_image_and_mask_together() -> None:
 
 
 def test_each_dataloader_worker_draws_its_own_augmentations(monkeypatch) -> None:
-    # forked workers start from copies of one albumentations state; without a per-worker reseed they repeat
+    # forked workers start from copies of one albumentations state; without a reseed they repeat each other
     image = np.random.default_rng(3).integers(0, 256, (40, 60, 3), dtype=np.uint8)
     mask = np.zeros((40, 60), np.uint8)
-    tf = seg_train_transform(32, scale=(64, 32))
+    tf = seg_train_transform(32, scale=(64, 32), seed=7)  # a seeded pipeline: reseeded from each worker's seed
     draws = {}
     for worker_seed in (11, 12, 11):
         copy = pickle.loads(pickle.dumps(tf))  # what a worker process holds
@@ -179,6 +179,24 @@ def test_each_dataloader_worker_draws_its_own_augmentations(monkeypatch) -> None
         draws.setdefault(worker_seed, []).append(torch.stack([copy(image, mask)[0] for _ in range(3)]))
     assert not torch.equal(draws[11][0], draws[12][0])
     assert torch.equal(draws[11][0], draws[11][1])  # reproducible from the worker's seed
+
+
+def test_unseeded_augmentation_follows_torch_random_state() -> None:
+    """Without a seed, each sample's draw comes from torch's generator (a worker's own one in a DataLoader): the
+    same torch seed repeats the augmentations exactly (so a resumed run matches an uninterrupted one), another
+    seed (another worker) changes them."""
+    image = np.random.default_rng(3).integers(0, 256, (40, 60, 3), dtype=np.uint8)
+    mask = np.random.default_rng(4).integers(0, 3, (40, 60), dtype=np.uint8)
+
+    tf = seg_train_transform(32, scale=(64, 32))
+
+    def draw(seed: int) -> torch.Tensor:  # the same pipeline object throughout, as in a resumed run
+        torch.manual_seed(seed)
+        return torch.stack([tf(image, mask)[0] for _ in range(4)])
+
+    first = draw(1)
+    assert torch.equal(draw(1), first)  # the pipeline's own stream does not carry over
+    assert not torch.equal(draw(2), first)
 
 
 def test_eval_transform_keeps_the_mask_at_original_size() -> None:

@@ -242,12 +242,17 @@ def _pair(size: int | Sequence[int], name: str) -> tuple[int, int]:
 
 
 def _reseed_in_worker(transform: SegTransform | DetTransform) -> None:
-    """Give each DataLoader worker its own albumentations random state.
+    """Seed albumentations from torch, so that augmentation follows ``torch.manual_seed`` and a resumed run (whose
+    checkpoint holds torch's random state) draws the same crops, flips and colours as an uninterrupted one.
 
-    Forked workers inherit the same generator state, so without this every worker would draw the same crops,
-    flips and colours. torch hands each worker a distinct seed (new for every epoch's workers, and reproducible
-    under ``torch.manual_seed``); the pipeline is reseeded from it once per worker.
+    A pipeline built without a seed draws a fresh albumentations seed from torch's generator for every sample (in
+    a DataLoader worker that generator is the worker's own, seeded distinctly by torch, so workers never repeat
+    each other). A pipeline built with a seed keeps its own stream; in a worker it is reseeded once from the
+    worker's seed (forked workers would otherwise inherit one state and repeat each other's draws).
     """
+    if transform.torch_seeded:
+        transform.compose.set_random_seed(int(torch.randint(0, 2**32 - 1, (), dtype=torch.int64)))
+        return
     info = torch.utils.data.get_worker_info()
     if info is not None and transform._worker_seed != info.seed:
         transform.compose.set_random_seed(info.seed % 2**32)
@@ -272,6 +277,9 @@ class SegTransform:
         self.compose = compose
         self.resize_mask = resize_mask
         self._worker_seed: int | None = None
+        # built without a seed: every sample's draws come from torch (set_random_seed then records a seed on the
+        # pipeline, so the choice is remembered here)
+        self.torch_seeded = compose.seed is None
 
     def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         _reseed_in_worker(self)
@@ -380,6 +388,9 @@ class DetTransform:
         self.compose = compose
         self.geometric = geometric
         self._worker_seed: int | None = None
+        # built without a seed: every sample's draws come from torch (set_random_seed then records a seed on the
+        # pipeline, so the choice is remembered here)
+        self.torch_seeded = compose.seed is None
 
     def __call__(self, image: np.ndarray, target: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         _reseed_in_worker(self)

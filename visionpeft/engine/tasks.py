@@ -117,6 +117,10 @@ def dense_spec(cfg: ExperimentConfig, num_classes: int, classes: list[str] | Non
     from ..dense import DenseSpec
 
     t = cfg.task
+    head_kwargs = dict(t.head_kwargs)
+    if t.name == "detection":  # torchvision's detectors normalise inside: with the data's statistics
+        head_kwargs.setdefault("image_mean", list(cfg.data.mean))
+        head_kwargs.setdefault("image_std", list(cfg.data.std))
     try:
         return DenseSpec(
             task=t.name,
@@ -124,7 +128,7 @@ def dense_spec(cfg: ExperimentConfig, num_classes: int, classes: list[str] | Non
             neck=t.neck,
             neck_kwargs=dict(t.neck_kwargs),
             head=t.head,
-            head_kwargs=dict(t.head_kwargs),
+            head_kwargs=head_kwargs,
             aux_weight=t.aux_weight if t.name == "segmentation" else 0.0,
             classes=list(classes) if classes else None,
             ignore_index=cfg.data.ignore_index,
