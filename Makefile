@@ -21,8 +21,9 @@ $(STAMP): setup.py pyproject.toml Makefile
 
 venv: $(STAMP)
 
+# classification on the embedded digits (4 methods), then segmentation of the embedded digit scenes; one table
 demo: $(STAMP)
-	$(PY) tools/train.py --config configs/demo/*.yaml --restart
+	$(PY) tools/train.py --config configs/demo/*.yaml configs/demo-seg/*.yaml --restart
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

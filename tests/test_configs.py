@@ -22,7 +22,12 @@ def test_every_config_loads_and_is_named_by_convention():
     for path in CONFIGS:
         cfg = load_config(path)
         parts = path.stem.split("_")
-        assert parts[-1].split("-")[-1] == str(cfg.data.img_size), path.name
+        resolution = {  # the input size in the name: the crop (segmentation), the short side (detection)
+            "classification": cfg.data.img_size,
+            "segmentation": cfg.data.crop_size,
+            "detection": cfg.task.head_kwargs.get("min_size"),
+        }[cfg.task.name]
+        assert parts[-1].split("-")[-1] == str(resolution), path.name
         assert path.stem.startswith(cfg.method.method), path.name
         if "vit-b16" in path.stem:
             vit_tasks.add((cfg.method.method, resolve_task(cfg.data.task)))
@@ -36,7 +41,7 @@ def _one_per_method_and_backbone():
     seen, out = set(), []
     for path in CONFIGS:
         cfg = load_config(path)
-        key = (cfg.method.method, cfg.model.name, str(cfg.method))
+        key = (cfg.method.method, cfg.model.name, str(cfg.method), str(cfg.task))
         if key not in seen:
             seen.add(key)
             out.append(path)
@@ -47,8 +52,20 @@ def _one_per_method_and_backbone():
 def test_config_builds_on_meta_device(path):
     cfg = load_config(path, ["model.pretrained=false", "model.pretrained_file=null"])
     with torch.device("meta"):
-        backbone = build_backbone(cfg.model, 10)
-        model = vp.get_peft_model(backbone, cfg.method)
+        if cfg.task.dense:  # the whole dense model: adapted backbone, neck, head (150 classes, as ADE20K)
+            from visionpeft.engine.tasks import build_dense_backbone, dense_spec
+
+            from visionpeft.engine.tasks import SegmentationTask
+
+            task = SegmentationTask(cfg) if cfg.task.name == "segmentation" else None
+            if task is not None:  # the task's own builder (linear_probe: the frozen backbone)
+                model = task.build_model(150)
+            else:
+                model = vp.DenseModel(
+                    vp.get_peft_model(build_dense_backbone(cfg), cfg.method), dense_spec(cfg, 80, None)
+                )
+        else:
+            model = vp.get_peft_model(build_backbone(cfg.model, 10), cfg.method)
     trainable, total = model.get_nb_trainable_parameters()
     assert 0 < trainable <= total
 
@@ -56,7 +73,8 @@ def test_config_builds_on_meta_device(path):
 def test_demo_configs_rebuild_the_embedded_backbone():
     from visionpeft.engine.pretrain import BACKBONE_ARGS
 
-    for path in sorted((CONFIGS[0].parents[1] / "demo").glob("*.yaml")):
+    demo = CONFIGS[0].parents[1]
+    for path in sorted([*demo.glob("demo/*.yaml"), *demo.glob("demo-seg/*.yaml"), *demo.glob("demo-det/*.yaml")]):
         cfg = load_config(path)
         name, kwargs = BACKBONE_ARGS[cfg.model.pretrained_file.split(":", 1)[1]]
         assert (cfg.model.name, cfg.model.kwargs) == (name, kwargs), path.name

@@ -158,7 +158,13 @@ class _DenseTask(Task):
                 f"model.num_classes={self.cfg.model.num_classes}, but the data has {num_classes} classes; "
                 "a dense task takes its class count from the data: remove model.num_classes"
             )
-        peft = get_peft_model(build_dense_backbone(self.cfg), self.cfg.method)
+        method = self.cfg.method
+        if method.method == "linear_probe" and method.modules_to_save is None:
+            # a dense model has no classifier: the probe of a frozen backbone is the neck and the head
+            import dataclasses
+
+            method = dataclasses.replace(method, modules_to_save=[])
+        peft = get_peft_model(build_dense_backbone(self.cfg), method)
         try:
             return DenseModel(peft, dense_spec(self.cfg, num_classes, self.classes))
         except (TypeError, ValueError) as e:
