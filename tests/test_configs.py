@@ -53,9 +53,7 @@ def test_config_builds_on_meta_device(path):
     cfg = load_config(path, ["model.pretrained=false", "model.pretrained_file=null"])
     with torch.device("meta"):
         if cfg.task.dense:  # the whole dense model: adapted backbone, neck, head (150 classes, as ADE20K)
-            from visionpeft.engine.tasks import build_dense_backbone, dense_spec
-
-            from visionpeft.engine.tasks import SegmentationTask
+            from visionpeft.engine.tasks import SegmentationTask, build_dense_backbone, dense_spec
 
             task = SegmentationTask(cfg) if cfg.task.name == "segmentation" else None
             if task is not None:  # the task's own builder (linear_probe: the frozen backbone)
