@@ -56,7 +56,8 @@ def test_config_builds_on_meta_device(path):
 def test_demo_configs_rebuild_the_embedded_backbone():
     from visionpeft.engine.pretrain import BACKBONE_ARGS
 
-    for path in sorted((CONFIGS[0].parents[1] / "demo").glob("*.yaml")):
+    root = CONFIGS[0].parents[1]
+    for path in sorted([*(root / "demo").glob("*.yaml"), *(root / "demo-seg").glob("*.yaml")]):
         cfg = load_config(path)
         name, kwargs = BACKBONE_ARGS[cfg.model.pretrained_file.split(":", 1)[1]]
         assert (cfg.model.name, cfg.model.kwargs) == (name, kwargs), path.name
