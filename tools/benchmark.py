@@ -14,20 +14,34 @@ timm model, attaches the adapter and measures, on CPU:
 The parent prints a table of same-run ratios, checks the performance targets (PASS / MISS), writes
 the raw results to ``--out`` and the table to ``docs/benchmarks.md``.
 
+``--dense`` benchmarks semantic segmentation instead (:data:`DENSE_SETTINGS`: the methods and options of the
+``configs/ade20k`` files, and full fine-tuning of each backbone). Each setting is built from
+``configs/_base_/ade20k.yaml`` (UperNet, 512 channels, auxiliary FCN head) with random weights and 150 classes by
+the trainer's own segmentation task; a worker measures the parameter counts, the median training-step time
+(forward, ``seg_loss`` + 0.4 x the auxiliary head's, backward, AdamW step) and the peak RSS increase during
+training. The ratios compare each setting with full fine-tuning of the same backbone with the same neck and head.
+Its table goes into its own section of ``docs/benchmarks.md`` (between :data:`DENSE_BEGIN` and :data:`DENSE_END`).
+
 Usage::
 
     python tools/benchmark.py --threads 2
     python tools/benchmark.py --methods lora,peft_lora,full --steps 3
+    python tools/benchmark.py --dense --threads 2
+    python tools/benchmark.py --dense --dense-settings vit_full,vit_lora --dense-model vit=test_vit \
+        --dense-channels 16 --img-size 64 --steps 1 --warmup 0 --idle-wait 0 --retries 0
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import platform
 import resource
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -43,6 +57,7 @@ import torch
 import torch.nn.functional as F
 
 import visionpeft as vp
+from visionpeft.engine.experiment import ExperimentConfig, from_dict, read_yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 OTHER_LIMIT = 0.25  # CPU cores other processes may use while a worker measures
@@ -120,6 +135,25 @@ def timed_median(fn: Callable[[], None], warmup: int, steps: int) -> float:
     return statistics.median(times)
 
 
+def measure_training(step: Callable[[], None], args: argparse.Namespace) -> dict[str, float]:
+    """Time ``step`` (``args.warmup`` + ``args.steps`` calls) while sampling this process's RSS.
+
+    Returns:
+        ``step_ms`` (median), ``baseline_rss_mb`` (RSS before the first step), ``peak_rss_mb`` (``ru_maxrss``
+        afterwards) and ``peak_train_increase_mb`` (peak RSS during the steps minus the baseline).
+    """
+    sampler = RSSSampler()
+    baseline = sampler.rss()
+    with sampler:
+        step_ms = timed_median(step, args.warmup, args.steps)
+    return {
+        "step_ms": step_ms,
+        "baseline_rss_mb": baseline / 2**20,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+        "peak_train_increase_mb": (sampler.peak - baseline) / 2**20,
+    }
+
+
 def make_model(args: argparse.Namespace) -> torch.nn.Module:
     """The random-weight timm model (seeded, so every process builds the same weights)."""
     torch.manual_seed(0)
@@ -161,20 +195,13 @@ def worker(name: str, args: argparse.Namespace) -> dict[str, Any]:
         F.cross_entropy(model(x), y).backward()
         opt.step()
 
-    sampler = RSSSampler()
-    baseline = sampler.rss()
-    with sampler:
-        step_ms = timed_median(step, args.warmup, args.steps)
     out: dict[str, Any] = {
         "name": name,
         "method": CONFIGS[name][0],
         "options": CONFIGS[name][1],
         "trainable": trainable,
         "total": total,
-        "step_ms": step_ms,
-        "baseline_rss_mb": baseline / 2**20,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
-        "peak_train_increase_mb": (sampler.peak - baseline) / 2**20,
+        **measure_training(step, args),
     }
     opt.state.clear()
     opt.zero_grad(set_to_none=True)
@@ -184,6 +211,133 @@ def worker(name: str, args: argparse.Namespace) -> dict[str, Any]:
         out["infer_merged_ms"] = infer(merge()) if merge else None
         out["infer_plain_ms"] = infer(make_model(args))
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# dense prediction: semantic segmentation with UperNet, as configs/ade20k
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseSetting:
+    """One dense benchmark setting: the backbone family, the method with its options as in the matching
+    ``configs/ade20k`` file, the neck, and the full fine-tuning setting of the same backbone, neck and head
+    (the ratios' denominator)."""
+
+    family: str
+    method: str
+    options: dict[str, Any]
+    neck: str
+    reference: str
+
+
+# family -> (timm model as in configs/ade20k, whether the config builds it at the crop size (img_size))
+DENSE_MODELS: dict[str, tuple[str, bool]] = {
+    "vit": ("vit_base_patch16_224", False),  # dynamic_img_size: the position embedding is resampled
+    "swin": ("swin_base_patch4_window7_224", True),
+    "convnext": ("convnext_base", False),
+}
+DENSE_FAMILIES = tuple(DENSE_MODELS)
+_LORA_QV = {"rank": 8, "qkv_slices": "qv"}
+_ADAPTFORMER = {"bottleneck": 64, "scale": 0.1}
+DENSE_SETTINGS: dict[str, DenseSetting] = {
+    "vit_full": DenseSetting("vit", "full", {}, "simple_pyramid", "vit_full"),
+    "vit_adaptformer": DenseSetting("vit", "adaptformer", _ADAPTFORMER, "simple_pyramid", "vit_full"),
+    "vit_lora": DenseSetting("vit", "lora", _LORA_QV, "simple_pyramid", "vit_full"),
+    "vit_vpt_deep": DenseSetting("vit", "vpt", {"num_tokens": 10, "deep": True}, "simple_pyramid", "vit_full"),
+    "vit_adapter_full": DenseSetting("vit", "full", {}, "vit_adapter", "vit_adapter_full"),  # the paper's mode
+    "vit_adapter": DenseSetting("vit", "linear_probe", {}, "vit_adapter", "vit_adapter_full"),  # frozen ViT
+    "vit_adapter_lora": DenseSetting("vit", "lora", _LORA_QV, "vit_adapter", "vit_adapter_full"),
+    "swin_full": DenseSetting("swin", "full", {}, "native", "swin_full"),
+    "swin_lora": DenseSetting("swin", "lora", {"rank": 8}, "native", "swin_full"),
+    "swin_adaptformer": DenseSetting("swin", "adaptformer", _ADAPTFORMER, "native", "swin_full"),
+    "convnext_full": DenseSetting("convnext", "full", {}, "native", "convnext_full"),
+    "convnext_lora": DenseSetting("convnext", "lora", {"rank": 8}, "native", "convnext_full"),
+    "convnext_conv_adapter": DenseSetting("convnext", "conv_adapter", {"reduction": 4}, "native", "convnext_full"),
+}
+DENSE_BASE = "configs/_base_/ade20k.yaml"  # the task (UperNet, 512 channels, aux head 0.4) and the crop size
+DENSE_CLASSES = 150  # ADE20K
+DENSE_BEGIN = "<!-- dense benchmark: begin (written by tools/benchmark.py --dense) -->"
+DENSE_END = "<!-- dense benchmark: end -->"
+
+
+def family_overrides(items: list[str] | None, flag: str, parse: Callable[[str], Any]) -> dict[str, Any]:
+    """``FAMILY=VALUE`` strings (repeatable ``flag``) -> ``{family: parse(VALUE)}``; a clear error otherwise."""
+    out = {}
+    for item in items or []:
+        family, sep, value = item.partition("=")
+        if not sep or family not in DENSE_FAMILIES:
+            raise ValueError(f"{flag} {item!r}: expected FAMILY=VALUE with FAMILY one of {', '.join(DENSE_FAMILIES)}")
+        try:
+            out[family] = parse(value)
+        except ValueError as e:
+            raise ValueError(f"{flag} {item!r}: {e}") from None
+    return out
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError("the value must be a JSON object of timm.create_model keyword arguments")
+    return value
+
+
+def dense_config(name: str, args: argparse.Namespace) -> ExperimentConfig:
+    """The experiment config of dense setting ``name``: the ADE20K base config (task, head, auxiliary head) with the
+    setting's model (random weights; ``--dense-model`` / ``--dense-model-kwargs`` overrides), method and neck."""
+    s = DENSE_SETTINGS[name]
+    data = read_yaml(ROOT / DENSE_BASE)
+    model_name, at_crop_size = DENSE_MODELS[s.family]
+    model: dict[str, Any] = {
+        "name": family_overrides(args.dense_model, "--dense-model", str).get(s.family, model_name),
+        "pretrained": False,
+        "kwargs": family_overrides(args.dense_model_kwargs, "--dense-model-kwargs", _json_object).get(s.family, {}),
+    }
+    if at_crop_size:
+        model["img_size"] = args.img_size
+    task = dict(data.get("task") or {}, neck=s.neck)
+    if args.dense_channels is not None:
+        task["head_kwargs"] = {**(task.get("head_kwargs") or {}), "channels": args.dense_channels}
+    options = dict(s.options)
+    if s.method == "linear_probe":  # a dense model has no classifier: nothing in the backbone trains
+        options.setdefault("modules_to_save", [])
+    return from_dict({"model": model, "method": {"name": s.method, **options}, "task": task})
+
+
+def dense_worker(name: str, args: argparse.Namespace) -> dict[str, Any]:
+    """Measure dense setting ``name`` in this process: the model the trainer builds for its config, trained on a
+    random ``(batch, 3, S, S)`` image batch with random 150-class masks by the segmentation task's own loss."""
+    from visionpeft.engine.tasks import SegmentationTask
+
+    torch.set_num_threads(args.threads)
+    cfg = dense_config(name, args)
+    task = SegmentationTask(cfg)
+    torch.manual_seed(0)
+    model = task.build_model(DENSE_CLASSES)
+    trainable, total = model.get_nb_trainable_parameters()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 3, args.img_size, args.img_size, generator=gen)
+    y = torch.randint(0, DENSE_CLASSES, (args.batch, args.img_size, args.img_size), generator=gen)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    model.train()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        task.loss(model, (x, y), contextlib.nullcontext).backward()
+        opt.step()
+
+    return {
+        "name": name,
+        "model": cfg.model.name,
+        "method": cfg.method.method,
+        "options": DENSE_SETTINGS[name].options,
+        "neck": model.neck_name,
+        "head": cfg.task.head,
+        "head_channels": cfg.task.head_kwargs.get("channels"),
+        "aux_weight": cfg.task.aux_weight,
+        "trainable": trainable,
+        "total": total,
+        **measure_training(step, args),
+    }
 
 
 def cpu_busy() -> float:
@@ -211,30 +365,29 @@ def wait_idle(max_wait: float, limit: float = OTHER_LIMIT) -> float:
         time.sleep(4.0)
 
 
+def worker_args(name: str, args: argparse.Namespace) -> list[str]:
+    """The command-line arguments of the worker that measures ``name`` with this run's settings."""
+    out = ["--worker", name, "--warmup", str(args.warmup), "--steps", str(args.steps), "--batch", str(args.batch)]
+    out += ["--img-size", str(args.img_size), "--threads", str(args.threads)]
+    if not args.dense:
+        return [*out, "--model", args.model]
+    out.append("--dense")
+    for item in args.dense_model or []:
+        out += ["--dense-model", item]
+    for item in args.dense_model_kwargs or []:
+        out += ["--dense-model-kwargs", item]
+    if args.dense_channels is not None:
+        out += ["--dense-channels", str(args.dense_channels)]
+    return out
+
+
 def run_worker(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Run ``--worker name`` in a subprocess and parse the JSON line it prints.
 
     Also records ``other_cores``: the mean CPU load (in cores) of every other process on the
     machine while the worker ran, so that a contended measurement is visible.
     """
-    cmd = [
-        sys.executable,
-        str(Path(__file__).resolve()),
-        "--worker",
-        name,
-        "--warmup",
-        str(args.warmup),
-        "--steps",
-        str(args.steps),
-        "--batch",
-        str(args.batch),
-        "--model",
-        args.model,
-        "--img-size",
-        str(args.img_size),
-        "--threads",
-        str(args.threads),
-    ]
+    cmd = [sys.executable, str(Path(__file__).resolve()), *worker_args(name, args)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     wait_idle(args.idle_wait)
     b0, c0, t0 = cpu_busy(), children_cpu(), time.perf_counter()
@@ -243,7 +396,12 @@ def run_worker(name: str, args: argparse.Namespace) -> dict[str, Any]:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         tail = proc.stderr.strip().splitlines()[-5:]
-        return {"name": name, "error": f"worker exit {proc.returncode}: " + " | ".join(tail)}
+        how = f"worker exit {proc.returncode}"
+        if proc.returncode < 0:  # killed by a signal: SIGKILL is usually the kernel's out-of-memory killer
+            how = f"worker killed by {signal.Signals(-proc.returncode).name}"
+            how += " (out of memory?)" if proc.returncode == -signal.SIGKILL else ""
+        last = tail[-1] if tail else "no output"  # the exception's own line
+        return {"name": name, "error": f"{how}: {last}", "stderr_tail": tail}
     return dict(json.loads(lines[-1]), other_cores=max(other, 0.0))
 
 
@@ -390,25 +548,209 @@ Targets:
 {chr(10).join(checks)}
 ```
 """
+    dense = dense_section(path.read_text()) if path.is_file() else None
+    if dense:  # keep the dense section of an earlier --dense run
+        text = text.rstrip("\n") + "\n\n" + dense + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse the command line; run one worker or the whole benchmark."""
+def dense_section(text: str) -> str | None:
+    """The dense section of a benchmarks page (markers included), or ``None`` when it has none."""
+    start, end = text.find(DENSE_BEGIN), text.find(DENSE_END)
+    if start < 0 or end < start:
+        return None
+    return text[start : end + len(DENSE_END)]
+
+
+def write_dense_docs(path: Path, section: str) -> None:
+    """Put ``section`` (the dense markers around it) into the page at ``path``: in place of its dense section,
+    after the rest of the page when it has none, or as a new page; the rest of the page is left as it is."""
+    block = f"{DENSE_BEGIN}\n{section.strip()}\n{DENSE_END}"
+    text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    old = dense_section(text)
+    if old is not None:
+        text = text.replace(old, block, 1)
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def dense_table(results: dict[str, dict[str, Any]]) -> str:
+    """Render dense results as a Markdown table; ratios against each setting's full fine-tuning reference."""
+    head = [
+        "setting",
+        "backbone",
+        "neck",
+        "method",
+        "trainable",
+        "total",
+        "trainable/full",
+        "step ms",
+        "step/full",
+        "train +MB",
+        "mem/full",
+        "peak RSS MB",
+        "other load",
+    ]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in results.items():
+        if "error" in r:
+            err = r["error"][:300].replace("|", "/")
+            rows.append(f"| {name} | error: {err} |" + " |" * (len(head) - 2))
+            continue
+        ref = results.get(DENSE_SETTINGS[name].reference, {})
+        ref = {} if "error" in ref else ref
+        options = ", ".join(f"{k} {v}" for k, v in r["options"].items())
+        inc = r["peak_train_increase_mb"]
+        cells = [
+            name,
+            r["model"].split(".")[0],
+            r["neck"],
+            r["method"] + (f" ({options})" if options else ""),
+            f"{r['trainable'] / 1e6:.3f}M",
+            f"{r['total'] / 1e6:.2f}M",
+            fmt(ratio(r["trainable"], ref.get("trainable")), ".3f"),
+            fmt(r["step_ms"], ".0f"),
+            fmt(ratio(r["step_ms"], ref.get("step_ms")), ".2f", "x"),
+            fmt(inc, ".0f"),
+            fmt(ratio(inc, ref.get("peak_train_increase_mb")), ".2f", "x"),
+            fmt(r["peak_rss_mb"], ".0f"),
+            fmt(r.get("other_cores"), ".2f"),
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def dense_notes(results: dict[str, dict[str, Any]]) -> list[str]:
+    """One line per failed setting, per measurement disturbed by other processes and per missing reference."""
+    lines = []
+    for name, r in results.items():
+        ref = DENSE_SETTINGS[name].reference
+        if "error" in r:
+            lines.append(f"ERROR {name}: {r['error']}")
+            continue
+        if r["other_cores"] > OTHER_LIMIT:
+            lines.append(f"NOTE  {name}: other processes used {r['other_cores']:.2f} cores meanwhile (unreliable)")
+        if ref != name and "error" in results.get(ref, {"error": ""}):
+            lines.append(f"NOTE  {name}: no ratios, its reference {ref} was not measured")
+    return lines
+
+
+def dense_docs(tbl: str, notes: list[str], facts: dict[str, Any], args: argparse.Namespace, head: str) -> str:
+    """The dense section of the benchmarks page: command, setup, machine facts, columns, table, notes."""
+    command = "python tools/benchmark.py " + shlex.join(sys.argv[1:])
+    channels = "512" if args.dense_channels is None else str(args.dense_channels)
+    models = ", ".join(f"`{m}`" for m in facts["dense_models"])
+    return f"""## Semantic segmentation: UperNet on frozen, adapted backbones
+
+Generated by `tools/benchmark.py --dense`; every setting ran in its own process, and all ratios come from this
+single run.
+
+Command:
+
+```
+{command.strip()}
+```
+
+Setup: the methods and options of the `configs/ade20k` files, and full fine-tuning, on random-weight
+{models} (no download); 150 classes; `{head}` ({channels} channels) + auxiliary FCN head (loss weight 0.4) as in
+`{DENSE_BASE}`; each model built by the trainer's segmentation task. Input: {args.img_size}x{args.img_size}
+random images and masks, batch {args.batch}; CPU; {args.warmup} warm-up + {args.steps} measured steps (medians).
+Machine: {facts["cpu"]}, {facts["cores"]} cores, torch {facts["torch"]} ({facts["threads"]} threads), timm
+{facts["timm"]}, Python {facts["python"]}.
+
+Columns: *setting* = backbone_method; `vit_adapter` is ViT-Adapter on a frozen ViT (`linear_probe`: nothing in the
+ViT trains), `vit_adapter_full` the paper's mode (the ViT trains too); *trainable* = parameters AdamW updates
+(adapter, neck, UperNet and auxiliary head; the backbone too under `full`); *total* = every parameter of backbone,
+adapter, neck and heads; *step* = forward + `seg_loss` (cross-entropy) + 0.4 x the auxiliary head's + backward +
+AdamW step; *train +MB* = peak RSS increase over the model-loaded baseline during the training steps (sampled
+every 5 ms; includes AdamW's state); *peak RSS* = `ru_maxrss` after training; */full* = ratio to full fine-tuning
+of the same backbone with the same neck and head in this run (`vit_full`, `vit_adapter_full`, `swin_full`,
+`convnext_full`); *other load* = mean CPU cores used by other processes while the worker ran (a worker disturbed
+by more than {OTHER_LIMIT} cores is rerun, up to `--retries` times). The raw results are in `{args.out}`.
+
+{tbl}
+
+Notes:
+
+```
+{chr(10).join(notes) or "none: every setting ran"}
+```
+"""
+
+
+MODE_DEFAULTS = {  # option -> (classification default, --dense default)
+    "warmup": (2, 1),
+    "steps": (5, 2),
+    "batch": (8, 2),
+    "img_size": (224, 512),
+    "out": ("out/benchmark.json", "out/benchmark_dense.json"),
+}
+
+
+def run_all(names: list[str], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """Measure each configuration in its own worker process; rerun a worker that other processes disturbed."""
+    results = {}
+    for name in names:
+        for attempt in range(1 + args.retries):
+            t0 = time.perf_counter()
+            r = results[name] = dict(run_worker(name, args), attempt=attempt + 1)
+            status = r.get("error") or f"step {r['step_ms']:.0f} ms, other load {r['other_cores']:.2f} cores"
+            print(f"[{name}] {status} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
+            if "error" in r or r["other_cores"] <= OTHER_LIMIT:
+                break
+    return results
+
+
+def write_json(args: argparse.Namespace, payload: dict[str, Any]) -> None:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"args": vars(args), **payload}, indent=2))
+
+
+def main_dense(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """The dense benchmark: every selected setting, its table into the dense section of ``--docs``."""
+    if args.dense_settings is None:
+        names = list(DENSE_SETTINGS)
+    else:
+        names = [n.strip() for n in args.dense_settings.split(",") if n.strip()]
+    unknown = [n for n in names if n not in DENSE_SETTINGS]
+    if unknown:
+        p.error(f"--dense-settings: unknown setting(s) {unknown}; choose from {', '.join(DENSE_SETTINGS)}")
+    try:
+        for n in names:  # bad overrides fail here, not in every worker
+            dense_config(n, args)
+    except ValueError as e:
+        p.error(str(e))
+    results = run_all(names, args)
+    facts = machine_facts(args)
+    ok = [r for r in results.values() if "error" not in r]
+    facts["dense_models"] = sorted({r["model"].split(".")[0] for r in ok})
+    heads = sorted({str(r["head"]) for r in ok}) or ["upernet"]
+    tbl, notes = dense_table(results), dense_notes(results)
+    print(tbl + "\n\n" + "\n".join(notes))
+    write_json(args, {"machine": facts, "results": results, "notes": notes})
+    write_dense_docs(Path(args.docs), dense_docs(tbl, notes, facts, args, ", ".join(heads)))
+    return 1 if any("error" in r for r in results.values()) else 0
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """The parser and the parsed command line, with the defaults of its mode (classification or ``--dense``)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--model", default="vit_base_patch16_224")
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 2; --dense: 1)")
+    p.add_argument("--steps", type=int, default=None, help="measured steps (default 5; --dense: 2)")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default 8; --dense: 2)")
+    p.add_argument("--model", default=None, help="timm model (default vit_base_patch16_224; not with --dense)")
+    p.add_argument("--img-size", type=int, default=None, help="image size (default 224; --dense: 512)")
     p.add_argument(
         "--methods",
         default=None,
         help=f"comma-separated subset of {', '.join(CONFIGS)} (default: those the model supports)",
     )
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default="out/benchmark.json")
+    p.add_argument("--out", default=None, help="raw results (default out/benchmark.json; --dense: *_dense.json)")
     p.add_argument("--docs", default="docs/benchmarks.md")
     p.add_argument(
         "--idle-wait",
@@ -417,11 +759,52 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds to wait, before each worker, for other processes to leave the CPUs",
     )
     p.add_argument("--retries", type=int, default=3, help="reruns of a worker that other processes disturbed")
+    d = p.add_argument_group("dense prediction (semantic segmentation, configs/ade20k)")
+    d.add_argument("--dense", action="store_true", help="benchmark the dense settings instead of classification")
+    d.add_argument("--dense-settings", default=None, help=f"comma-separated subset of {', '.join(DENSE_SETTINGS)}")
+    d.add_argument(
+        "--dense-model",
+        action="append",
+        metavar="FAMILY=NAME",
+        help=f"replace the timm model of a family ({', '.join(DENSE_FAMILIES)}), e.g. vit=test_vit (smoke tests)",
+    )
+    d.add_argument(
+        "--dense-model-kwargs",
+        action="append",
+        metavar="FAMILY=JSON",
+        help='extra timm.create_model arguments of a family, e.g. swin=\'{"embed_dim": 16, "depths": [1,1,1,1]}\'',
+    )
+    d.add_argument("--dense-channels", type=int, default=None, help="UperNet channels (default: the configs' 512)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    dense_only = {
+        "--dense-settings": args.dense_settings,
+        "--dense-model": args.dense_model,
+        "--dense-model-kwargs": args.dense_model_kwargs,
+        "--dense-channels": args.dense_channels,
+    }
+    given = [flag for flag, value in dense_only.items() if value is not None]
+    if args.dense and (args.model is not None or args.methods is not None):
+        p.error("--model and --methods are for classification; with --dense use --dense-settings / --dense-model")
+    if not args.dense and given:
+        p.error(f"{', '.join(given)} need --dense")
+    for key, (cls_default, dense_default) in MODE_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, dense_default if args.dense else cls_default)
+    if args.model is None and not args.dense:
+        args.model = "vit_base_patch16_224"
+    return p, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line; run one worker or the whole benchmark."""
+    p, args = parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args)), flush=True)
+        result = dense_worker(args.worker, args) if args.dense else worker(args.worker, args)
+        print(json.dumps(result), flush=True)
         return 0
+    if args.dense:
+        return main_dense(p, args)
     if args.methods is None:
         names = [n for n in CONFIGS if supported(n, args.model, args.img_size)]
     else:
@@ -429,21 +812,11 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         p.error(f"unknown configuration(s) {unknown}; choose from {', '.join(CONFIGS)}")
-    results = {}
-    for name in names:
-        for attempt in range(1 + args.retries):  # rerun a worker that other processes disturbed
-            t0 = time.perf_counter()
-            r = results[name] = dict(run_worker(name, args), attempt=attempt + 1)
-            status = r.get("error") or f"step {r['step_ms']:.0f} ms, other load {r['other_cores']:.2f} cores"
-            print(f"[{name}] {status} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
-            if "error" in r or r["other_cores"] <= OTHER_LIMIT:
-                break
+    results = run_all(names, args)
     facts = machine_facts(args)
     tbl, checks = table(results), check_targets(results)
     print(tbl + "\n\n" + "\n".join(checks))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"machine": facts, "args": vars(args), "results": results, "checks": checks}, indent=2))
+    write_json(args, {"machine": facts, "results": results, "checks": checks})
     write_docs(Path(args.docs), tbl, checks, facts, args)
     return 1 if any("error" in r for r in results.values()) else 0
 
