@@ -278,8 +278,9 @@ class SegTransform:
         self.resize_mask = resize_mask
         self._worker_seed: int | None = None
         # built without a seed: every sample's draws come from torch (set_random_seed then records a seed on the
-        # pipeline, so the choice is remembered here)
-        self.torch_seeded = compose.seed is None
+        # pipeline, so the choice is remembered here); the evaluation pipeline draws nothing, and leaves torch's
+        # random state alone (evaluating does not change the training that follows)
+        self.torch_seeded = compose.seed is None and resize_mask
 
     def __call__(self, image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         _reseed_in_worker(self)
@@ -388,9 +389,8 @@ class DetTransform:
         self.compose = compose
         self.geometric = geometric
         self._worker_seed: int | None = None
-        # built without a seed: every sample's draws come from torch (set_random_seed then records a seed on the
-        # pipeline, so the choice is remembered here)
-        self.torch_seeded = compose.seed is None
+        # as SegTransform; the evaluation pipeline (no geometric step) draws nothing
+        self.torch_seeded = compose.seed is None and geometric
 
     def __call__(self, image: np.ndarray, target: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         _reseed_in_worker(self)
