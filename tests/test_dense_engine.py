@@ -128,6 +128,10 @@ def test_dense_adapter_reloads_to_identical_predictions(tmp_path):
     assert loaded.spec.classes == ["bg", "a", "b", "c"] and loaded.aux_head is not None
     assert not any(p.requires_grad for p in loaded.parameters())
     torch.testing.assert_close(loaded.predict(x), want, rtol=0, atol=0)
+    # a base model with a classifier (the same backbone weights): the classifier is removed, the predictions match
+    with_head = timm.create_model("test_vit", num_classes=10, dynamic_img_size=True)
+    assert not with_head.load_state_dict(_vit().state_dict(), strict=False).missing_keys[2:]  # head.weight, bias
+    torch.testing.assert_close(vp.load_adapter(with_head, tmp_path).predict(x), want, rtol=0, atol=0)
     trainable = vp.load_adapter(_vit(), tmp_path, is_trainable=True)
     assert all(p.requires_grad for p in trainable.head.parameters())
 

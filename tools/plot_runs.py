@@ -78,6 +78,10 @@ def _labels(runs: list[Path]) -> list[str]:
     return [str(r) if names.count(n) > 1 else n for r, n in zip(runs, names, strict=True)]
 
 
+# the main metric of each task (classification, segmentation, detection) and its name in the plot
+METRICS = {"top1": "top-1 accuracy", "mIoU": "mIoU", "bbox_mAP": "box mAP"}
+
+
 def plot_runs(runs: list[Path], out: Path) -> Path:
     """Write the curves of ``runs`` to ``out`` (PNG): loss, top-1 accuracy and learning rate against the step."""
     try:
@@ -90,7 +94,7 @@ def plot_runs(runs: list[Path], out: Path) -> Path:
     logs = [read_log(r) for r in runs]
     fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(16, 4.8), constrained_layout=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    any_acc = False
+    any_acc, metrics = False, set()
     for k, (label, log) in enumerate(zip(_labels(runs), logs, strict=True)):
         c = colors[k % len(colors)]
         st, ep = log["steps"], log["epochs"]
@@ -102,16 +106,19 @@ def plot_runs(runs: list[Path], out: Path) -> Path:
         x, y = _finite([r.get("step") for r in ep], [r.get("eval_loss") for r in ep])
         if x:
             ax_loss.plot(x, y, color=c, marker="s", markersize=4, linestyle="--", label=f"{label} eval")
-        x, y = _finite([r.get("step") for r in ep], [r.get("top1") for r in ep])
+        key = next((k for k in METRICS if any(k in r for r in ep)), "top1")  # the run's task decides
+        metrics.add(key)
+        x, y = _finite([r.get("step") for r in ep], [r.get(key) for r in ep])
         if x:
             any_acc = True
-            ax_acc.plot(x, y, color=c, marker="o", markersize=4, label=label)
+            ax_acc.plot(x, y, color=c, marker="o", markersize=4, label=f"{label} {key}")
             ax_acc.annotate(f"{y[-1]:.1f}", (x[-1], y[-1]), textcoords="offset points", xytext=(4, 4), color=c)
         x, y = _finite([r.get("step") for r in st], [r.get("lr") for r in st])
         if x:
             ax_lr.plot(x, y, color=c, label=label)
     ax_loss.set(title="loss (thin: logged steps, dashed: eval)", xlabel="step", ylabel="loss")
-    ax_acc.set(title="evaluation accuracy", xlabel="step", ylabel="top-1 (%)")
+    names = " / ".join(METRICS[k] for k in METRICS if k in metrics) or METRICS["top1"]
+    ax_acc.set(title=f"evaluation: {names}", xlabel="step", ylabel="%")
     if not any_acc:
         ax_acc.text(0.5, 0.5, "no evaluation logged yet", ha="center", va="center", transform=ax_acc.transAxes)
     ax_lr.set(title="learning rate", xlabel="step", ylabel="lr")

@@ -234,7 +234,8 @@ def _spec_of(meta: dict, directory: Path) -> DenseSpec:
 def load_dense_adapter(
     model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", is_trainable: bool = False
 ) -> DenseModel:
-    """Rebuild the :class:`DenseModel` saved in ``directory`` on ``model`` (the same backbone, no classifier).
+    """Rebuild the :class:`DenseModel` saved in ``directory`` on ``model`` (the same backbone; a timm classifier is
+    removed with ``reset_classifier(0)``, as the dense model was trained without one).
 
     The method's adapter is attached by :func:`visionpeft.model.load_adapter` (every check of it applies); then
     the neck and head are built from ``dense_config.json`` and their tensors loaded (names and shapes checked).
@@ -245,6 +246,8 @@ def load_dense_adapter(
     directory = Path(directory)
     meta, tensors = read_adapter_files(directory, DENSE_CONFIG, DENSE_WEIGHTS)
     spec = _spec_of(meta, directory)
+    if getattr(model, "num_classes", 0) and callable(getattr(model, "reset_classifier", None)):
+        model.reset_classifier(0)  # a dense model never uses the classifier, and was trained without one
     peft = _load_method_adapter(model, directory, adapter_name, is_trainable)
     try:
         dense = DenseModel(peft, spec)
