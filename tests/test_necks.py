@@ -16,9 +16,9 @@ from visionpeft.necks.deform_attn import level_start_index
 SIZES = [(64, 64), (72, 88)]
 
 
-def swin(**kw):
+def _tiny_swin(name: str, **kw):
     return timm.create_model(
-        "swin_tiny_patch4_window7_224",
+        name,
         embed_dim=16,
         depths=(1, 1, 1, 1),
         num_heads=(1, 1, 1, 1),
@@ -27,19 +27,14 @@ def swin(**kw):
         num_classes=0,
         **kw,
     )
+
+
+def swin(**kw):
+    return _tiny_swin("swin_tiny_patch4_window7_224", **kw)
 
 
 def swinv2(**kw):
-    return timm.create_model(
-        "swinv2_tiny_window8_256",
-        embed_dim=16,
-        depths=(1, 1, 1, 1),
-        num_heads=(1, 1, 1, 1),
-        img_size=64,
-        window_size=4,
-        num_classes=0,
-        **kw,
-    )
+    return _tiny_swin("swinv2_tiny_window8_256", **kw)
 
 
 def vit16(**kw):

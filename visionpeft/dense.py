@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ._io import AdapterFileError, read_adapter_files, save_adapter_files
 from ._version import __version__
 from .heads import DETECTORS, SEG_HEADS, FCNHead, build_detector, build_seg_head, whole_inference
-from .model import PeftVisionModel
+from .model import PeftVisionModel, print_trainable
 from .model import load_adapter as _load_method_adapter
 from .necks import build_neck
 
@@ -168,10 +168,8 @@ class DenseModel(nn.Module):
         return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
     def print_trainable_parameters(self) -> str:
-        t, n = self.get_nb_trainable_parameters()
-        line = f"trainable: {t / 1e6:.2f}M / {n / 1e6:.1f}M ({100.0 * t / max(n, 1):.2f}%)"
-        print(line)
-        return line
+        """Print and return ``trainable: 0.39M / 86.2M (0.45%)`` (adapter, neck and heads)."""
+        return print_trainable(*self.get_nb_trainable_parameters())
 
     def no_weight_decay(self) -> set[str]:
         """The adapter's no-decay names (prompts, ...) under the ``peft.`` prefix, and the neck's (embeddings)."""

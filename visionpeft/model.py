@@ -301,10 +301,7 @@ class PeftVisionModel(nn.Module):
 
     def print_trainable_parameters(self) -> str:
         """Print and return ``trainable: 0.39M / 86.2M (0.45%)``."""
-        t, n = self.get_nb_trainable_parameters()
-        line = f"trainable: {t / 1e6:.2f}M / {n / 1e6:.1f}M ({100.0 * t / max(n, 1):.2f}%)"
-        print(line)
-        return line
+        return print_trainable(*self.get_nb_trainable_parameters())
 
     def no_weight_decay(self) -> set[str]:
         """Names of trainable parameters that take no weight decay (timm's convention): what each adapter
@@ -405,6 +402,13 @@ class PeftVisionModel(nn.Module):
             for p in self.parameters():
                 p.requires_grad_(False)
             self.eval()
+
+
+def print_trainable(trainable: int, total: int) -> str:
+    """Print and return ``trainable: 0.39M / 86.2M (0.45%)``."""
+    line = f"trainable: {trainable / 1e6:.2f}M / {total / 1e6:.1f}M ({100.0 * trainable / max(total, 1):.2f}%)"
+    print(line)
+    return line
 
 
 def _check_new_name(name: Any, existing: dict[str, Any]) -> None:

@@ -489,6 +489,12 @@ class Trainer:
             **metrics,
             "trainable_params": trainable,
             "total_params": total,
+            # a dense model's trainable parameters inside the backbone (the adapter), the rest being neck and heads
+            **(
+                {"adapter_params": self.peft.peft.get_nb_trainable_parameters()[0]}
+                if self.kind.name != "classification"
+                else {}
+            ),
             "epochs": self.epoch,
             "steps": self.step,
             "seconds": seconds,
