@@ -98,14 +98,16 @@ def test_each_head_on_each_backbone(setting, head):
     assert model.predict(x).shape == (2, 5, 72, 88)
 
 
-def test_dense_adapter_reloads_to_identical_predictions(tmp_path):
+@pytest.mark.parametrize("neck", ["simple_pyramid", "vit_adapter"])
+def test_dense_adapter_reloads_to_identical_predictions(tmp_path, neck):
     """The folder holds both halves; vp.load_adapter rebuilds the DenseModel (frozen, eval mode) and predicts the
-    same logits; BatchNorm statistics travel with the head."""
+    same logits; BatchNorm statistics travel with the neck and the head."""
     model = DenseModel(
         vp.get_peft_model(_vit(), vp.LoRAConfig(rank=2, init_weights=False)),
         "segmentation",
         num_classes=4,
-        neck_kwargs={"out_channels": 16},
+        neck=neck,
+        neck_kwargs={"out_channels": 16} if neck == "simple_pyramid" else {},
         head_kwargs={"channels": 16},
         aux_weight=0.4,
         classes=["bg", "a", "b", "c"],

@@ -55,6 +55,14 @@ class Task:
     def loss(self, model: nn.Module, batch: Any, autocast: AutocastFactory) -> torch.Tensor:
         raise NotImplementedError
 
+    def sync_batchnorm(self, model: nn.Module) -> None:
+        """Several CUDA processes: make the BatchNorm layers that train (a dense model's neck and heads) normalise
+        over the global batch (``SyncBatchNorm``). The frozen backbone keeps its own layers."""
+        for name in ("neck", "head", "aux_head"):
+            part = getattr(model, name, None)
+            if isinstance(part, nn.Module):
+                setattr(model, name, nn.SyncBatchNorm.convert_sync_batchnorm(part))
+
     def evaluate(self, model: nn.Module, loader: Any, device: torch.device, autocast: AutocastFactory) -> dict:
         """Metrics over the evaluation split (every sample counted once across processes); ``eval_loss`` when the
         task has one (a non-finite one stops the run)."""

@@ -159,6 +159,8 @@ class Trainer:
         self._trainable = [p for p in self.peft.parameters() if p.requires_grad]
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
+            if self.device.type == "cuda":  # dense heads normalise over the global batch, as mmseg's SyncBN
+                self.kind.sync_batchnorm(self.peft)
             self.model = nn.parallel.DistributedDataParallel(self.peft, device_ids=ids)
 
         d, o = cfg.data, cfg.optimizer
