@@ -35,6 +35,9 @@ DEV = DEMO + [
     "ruff",
     "import-linter",  # the layer contracts in pyproject.toml (make lint)
     "mutmut",  # mutation testing (make mutate)
+    "nbclient",  # the tests execute demo/*.ipynb
+    "nbformat",
+    "ipykernel",
 ]
 
 setup(
@@ -59,6 +62,8 @@ setup(
         "albumentations>=1.4",  # joint image / mask / box augmentation (dense tasks)
         "torchmetrics>=1.0",  # COCO mAP (MeanAveragePrecision)
         "pycocotools",  # COCO-format annotations and torchmetrics' mAP backend
+        "segment-anything",  # SAM's models (the official checkpoints' architecture and key format)
+        "scipy",  # connected components of masks (SAM's prompts)
     ],
     extras_require={"demo": DEMO, "dev": DEV},
 )

@@ -57,12 +57,20 @@ def make_resnet(**kw):
     return timm.create_model("test_resnet", num_classes=5, zero_init_last=False, **kw)
 
 
+def make_sam_encoder(**kw):
+    """The image encoder of a tiny segment_anything SAM (windowed + global attention, relative positions)."""
+    from visionpeft.backbones.sam import TINY_SAM, build_sam
+
+    return build_sam("sam_vit_b", img_size=IMG, **{**TINY_SAM, **kw}).image_encoder
+
+
 BACKBONES = {
     "timm_vit": make_vit,
     "timm_samvit": make_samvit,
     "timm_swin": make_swin,
     "timm_convnext": make_convnext,
     "timm_resnet": make_resnet,
+    "sam": make_sam_encoder,
 }
 
 

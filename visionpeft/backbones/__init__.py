@@ -6,6 +6,7 @@ import torch.nn as nn
 
 from . import (  # noqa: F401
     generic,  # noqa: F401  (registered last: it matches everything)
+    sam,
     timm_convnext,
     timm_efficientnet,
     timm_eva,

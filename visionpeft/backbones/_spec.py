@@ -74,6 +74,8 @@ class BackboneSpec:
             forward (``Method.reaches_hosted_weights``: LoRA, DoRA) adapt them; other methods skip them.
         prompt_refusal: function returning why prompt tokens cannot join this model's blocks (rotary
             embeddings or relative position biases sized for the patch grid), or ``None`` when they can.
+        frozen: function returning the module names of parts that are neither backbone nor head (SAM's prompt
+            encoder): methods leave them alone unless a target names them, full fine-tuning does not train them.
     """
 
     name: str
@@ -89,6 +91,11 @@ class BackboneSpec:
     act_layer: type[nn.Module] = nn.GELU
     hosted_weights: str | None = None
     prompt_refusal: Callable[[nn.Module], str | None] | None = None
+    frozen: Callable[[nn.Module], list[str]] | None = None
+
+    def untouched(self, model: nn.Module) -> list[str]:
+        """The head(s) and the frozen parts of ``model``: what a method's default targets never reach."""
+        return list(self.head(model)) + (list(self.frozen(model)) if self.frozen is not None else [])
 
     def host_of(self, name: str, modules: dict[str, nn.Module] | None = None) -> str | None:
         """Name of the module that reads the weight of module ``name`` itself, or ``None``: the parent of a
@@ -218,7 +225,7 @@ def resolve_targets(
     modules = dict(model.named_modules())
     blocks = spec.blocks(model)
     found: dict[str, str | None] = {}
-    heads = tuple(spec.head(model)) if any(t in (ALL_LINEAR, ALL_CONV) for t in targets) else ()
+    heads = tuple(spec.untouched(model)) if any(t in (ALL_LINEAR, ALL_CONV) for t in targets) else ()
     for target in targets:
         if target in (ALL_LINEAR, ALL_CONV):
             # an attention's packed input projection is a linear layer too (LoRA / DoRA accept it)

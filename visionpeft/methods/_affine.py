@@ -65,8 +65,8 @@ def non_head_sites(
 ) -> list[Site]:
     """Every module of the backbone that ``accept`` takes, except the classification head(s), as sites."""
 
-    heads = spec.head(model)
-    saved = cfg.modules_to_save if cfg.modules_to_save is not None else heads
+    heads = spec.head(model) if cfg.targets is not None else spec.untouched(model)
+    saved = cfg.modules_to_save if cfg.modules_to_save is not None else spec.head(model)
 
     def ok(n: str, m: nn.Module) -> bool:
         if any(n == h or n.startswith(h + ".") for h in list(heads) + list(saved)):

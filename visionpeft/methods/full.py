@@ -37,8 +37,12 @@ class FullFinetune(Method):
 
     @classmethod
     def base_parameters_to_train(cls, model: nn.Module, cfg: FullFinetuneConfig) -> list[str]:
+        spec = detect_backbone(model)
+        frozen = tuple(p + "." for p in spec.frozen(model)) if spec.frozen is not None else ()
         names = []
         for n, _ in model.named_parameters():
+            if n.startswith(frozen):  # SAM's prompt encoder: trained only when modules_to_save names it
+                continue
             module = n.rsplit(".", 1)[0]
             if cfg.exclude and any(pattern_matches(e, module) or pattern_matches(e, n) for e in cfg.exclude):
                 continue
