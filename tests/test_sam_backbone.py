@@ -62,6 +62,9 @@ def test_checkpoint_round_trip_in_the_official_key_format(tmp_path):
     again = build_sam("sam_vit_b", checkpoint=path, img_size=64, **TINY_SAM)
     for k, v in sam.state_dict().items():
         assert torch.equal(v, again.state_dict()[k]), k
+    third = tiny(seed=5)
+    load_sam_checkpoint(third, state)  # a state dict in memory loads the same way
+    assert torch.equal(third.mask_decoder.iou_token.weight, sam.mask_decoder.iou_token.weight)
 
 
 def test_checkpoint_of_another_size_names_the_mismatch(tmp_path):

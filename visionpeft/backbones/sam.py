@@ -251,9 +251,7 @@ def _guess_size(state: Mapping[str, torch.Tensor]) -> str | None:
     return f"embed_dim={w.shape[0]}, depth={depth}"
 
 
-def resize_sam_state(
-    state: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
+def resize_sam_state(state: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` with its position tensors resized to the geometry of ``target`` (a model's state dict):
     ``image_encoder.pos_embed`` (1, H, W, C) bicubically, the relative-position tables (2 * size - 1, C) of the
     global-attention blocks linearly (as the encoder's own ``get_rel_pos`` interpolates them); every other tensor
