@@ -12,9 +12,9 @@ from visionpeft.sam import (
     objects_from_mask,
     pad_points,
     refine_points,
+    sam_loss,
     sample_boxes,
     sample_points,
-    sam_loss,
 )
 
 
@@ -50,7 +50,7 @@ def test_objects_split_components_and_skip_ignore_and_background():
     assert labels.tolist() == [1, 1, 2]
     assert sorted(int(a) for a in masks.flatten(1).sum(1)) == [1, 8, 9]
     m = label_map()
-    for mask, cls in zip(masks, labels):
+    for mask, cls in zip(masks, labels, strict=True):
         assert (m[mask] == cls).all()
     # no object covers an ignored pixel, and the objects are disjoint
     assert not masks[:, 10:12, 0:3].any()
