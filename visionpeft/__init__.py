@@ -11,12 +11,18 @@ Public API::
 
 from __future__ import annotations
 
+import os as _os
+
+import torch.nn as _nn
+
+from . import sam
 from ._io import AdapterFileError
 from ._registry import get_backbone, get_method, list_backbones, list_methods
 from ._version import __version__
 from .backbones import BackboneSpec, detect_backbone
 from .config import MethodConfig
-from .dense import DenseModel, DenseSpec, load_adapter
+from .dense import DenseModel, DenseSpec
+from .dense import load_adapter as _load_dense_or_method
 from .methods.adapter import AdapterConfig
 from .methods.adaptformer import AdaptFormerConfig
 from .methods.bitfit import BitFitConfig
@@ -30,6 +36,23 @@ from .methods.parallel_adapter import ParallelAdapterConfig
 from .methods.ssf import SSFConfig
 from .methods.vpt import VPTConfig
 from .model import PeftVisionModel, get_peft_model
+from .sam import SamModel
+
+
+def load_adapter(
+    model: _nn.Module, directory: str | _os.PathLike, adapter_name: str = "default", is_trainable: bool = False
+) -> PeftVisionModel | DenseModel | SamModel:
+    """Load a saved adapter onto a base model: a :class:`PeftVisionModel` for a classification adapter, a
+    :class:`DenseModel` for a dense one (``dense_config.json``), a :class:`SamModel` for a SAM one
+    (``sam_config.json``; the base model is a ``segment_anything`` ``Sam``). The files and every tensor are
+    checked; a bad file is named (:class:`AdapterFileError`). ``is_trainable=False`` returns a frozen model in
+    eval mode."""
+    if sam.is_sam_adapter(directory):
+        if isinstance(model, PeftVisionModel):
+            raise AdapterFileError(f"{directory} holds a SAM adapter; load it onto the base Sam, not a wrapper")
+        return sam.load_sam_adapter(model, directory, adapter_name, is_trainable)
+    return _load_dense_or_method(model, directory, adapter_name, is_trainable)
+
 
 __all__ = [
     "__version__",
@@ -49,6 +72,7 @@ __all__ = [
     "MethodConfig",
     "ParallelAdapterConfig",
     "PeftVisionModel",
+    "SamModel",
     "SSFConfig",
     "VPTConfig",
     "detect_backbone",
@@ -57,5 +81,6 @@ __all__ = [
     "get_peft_model",
     "list_backbones",
     "list_methods",
+    "sam",
     "load_adapter",
 ]
