@@ -142,3 +142,18 @@ def test_frozen_encoder_embeddings_are_cached():
     b = model.image_embeddings(x)
     assert len(calls) == 2 and torch.equal(a, b)  # one call per image the first time, none the second
     assert not a.requires_grad
+
+
+def test_automatic_mask_generator_runs_on_the_adapted_sam(tmp_path):
+    from segment_anything import SamAutomaticMaskGenerator
+
+    model = SamModel.from_sam(tiny(), vp.LoRAConfig(rank=4, init_weights=False))
+    model.save_adapter(tmp_path / "p")
+    predictor = sam_predictor(tiny(), tmp_path / "p", merge=True)
+    generator = SamAutomaticMaskGenerator(
+        predictor.model, points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=1.0
+    )
+    img = (np.random.default_rng(0).random((IMG, 48, 3)) * 255).astype(np.uint8)
+    masks = generator.generate(img)
+    assert masks and masks[0]["segmentation"].shape == (IMG, 48)
+    assert {"bbox", "predicted_iou", "point_coords"} <= set(masks[0])
