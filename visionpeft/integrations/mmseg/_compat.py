@@ -10,9 +10,10 @@ that provides ``point_sample`` (bilinear sampling at normalised points, written 
 op and the fix (mmseg's optional heads, e.g. CCHead and PSAHead, catch exactly that error and stay unavailable).
 
 torch >= 2.6 loads with ``weights_only=True`` by default; mmengine's checkpoints pickle numpy arrays, dtypes and
-scalars and ``mmengine.logging.HistoryBuffer`` (the message hub's logs), so resuming fails. :func:`mmengine_safe_globals`
-allowlists exactly those globals, and :func:`install_checkpoint_loader` makes mmengine's local-file loader use them
-inside a ``torch.serialization.safe_globals`` block: everything else stays under torch's default protection.
+scalars and ``mmengine.logging.HistoryBuffer`` (the message hub's logs), so resuming fails.
+:func:`mmengine_safe_globals` allowlists exactly those globals, and :func:`install_checkpoint_loader` makes
+mmengine's loaders (local files, URLs) use them inside a ``torch.serialization.safe_globals`` block: everything
+else stays under torch's default protection.
 """
 
 from __future__ import annotations

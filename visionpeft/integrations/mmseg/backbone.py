@@ -26,7 +26,6 @@ from ...dense import load_adapter as vp_load_adapter
 from ...model import PeftVisionModel, get_peft_model
 from ...necks import NECKS, build_neck
 from ...necks.features import REDUCTIONS, crop
-from ...necks.vit_adapter import ViTAdapterNeck
 
 PYRAMIDS = NECKS  # "native", "simple_pyramid", "vit_adapter"
 PYRAMID_PREFIX = "pyramid."
@@ -160,7 +159,8 @@ def _pyramid_kwargs(pyramid: str, out_indices: Sequence[int] | None, depth: int 
         if len(idx) != 4 or idx != sorted(set(idx)) or idx[-1] != (depth or 0) - 1:
             raise ValueError(
                 f"VisionPeftBackbone: pyramid 'vit_adapter' takes out_indices = the LAST block of each of its 4 "
-                f"interaction groups, ascending and ending with the last block ({(depth or 0) - 1}); got {tuple(out_indices)}"
+                f"interaction groups, ascending and ending with the last block ({(depth or 0) - 1}); "
+                f"got {tuple(out_indices)}"
             )
         starts = [0] + [i + 1 for i in idx[:-1]]
         return {"interaction_indexes": [[s, e] for s, e in zip(starts, idx, strict=True)]}
@@ -244,7 +244,8 @@ class VisionPeftBackbone(BaseModule):
         if self.is_sam:
             if pyramid not in (None, "simple_pyramid"):
                 raise ValueError(
-                    f"VisionPeftBackbone: SAM's image encoder takes pyramid 'simple_pyramid' (or None), not {pyramid!r}"
+                    f"VisionPeftBackbone: SAM's image encoder takes pyramid 'simple_pyramid' (or None), "
+                    f"not {pyramid!r}"
                 )
             if out_indices is not None:
                 raise ValueError("VisionPeftBackbone: SAM's pyramid reads the encoder's output; remove out_indices")
@@ -323,4 +324,4 @@ class VisionPeftBackbone(BaseModule):
         return tuple(maps[i] for i in self.out_indices)
 
 
-__all__ = ["PYRAMIDS", "SamPyramid", "ViTAdapterNeck", "VisionPeftBackbone", "build_timm_backbone"]
+__all__ = ["PYRAMIDS", "SamPyramid", "VisionPeftBackbone", "build_timm_backbone"]
