@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-all lint bench mutate clean
+.PHONY: venv demo test test-all mmseg lint bench mutate clean
 
 $(STAMP): setup.py pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -30,6 +30,11 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m "slow or not slow" $(PYTEST_ARGS)
+
+# the mmsegmentation integration (the mmseg extra is part of dev; this target reinstalls it and runs its tests)
+mmseg: $(STAMP)
+	$(PIP) install -q -e ".[mmseg]"
+	$(PY) -m pytest -q -m mmseg tests/test_mmseg.py $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check visionpeft tools tests

