@@ -42,7 +42,9 @@ MMSEG = [
     "opencv-python==5.0.0.93",
     "opencv-python-headless==5.0.0.93",
 ]
-DEV = DEMO + MMSEG + [
+DEV = [
+    *DEMO,
+    *MMSEG,
     "pytest>=8",
     "pytest-timeout",
     "peft>=0.13",  # parity tests and the benchmark
