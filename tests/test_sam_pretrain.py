@@ -14,7 +14,7 @@ from visionpeft.engine.build import resolve_weights_file
 from visionpeft.engine.pretrain import EMBEDDED_KINDS, embedded_backbone_file
 from visionpeft.sam import build_sam
 
-FAST = {"num_scenes": 120, "val_scenes": 24, "batch": 4}  # small data for the tests (the recipe is unchanged)
+FAST = {"num_scenes": 60, "val_scenes": 12, "batch": 4}  # small data for the tests (the recipe is unchanged)
 
 
 def test_scene_data_holds_only_the_digits_and_pools_differ():
@@ -51,27 +51,41 @@ def test_prompt_training_refines_and_restricts_objects():
     assert 0.0 <= iou <= 1.0
 
 
-def test_pretrain_sam_scenes_learns_caches_and_writes_the_embedded_checkpoint(tmp_path, monkeypatch):
+def test_pretrain_sam_scenes_caches_and_writes_the_embedded_checkpoint(tmp_path, monkeypatch):
+    """The whole path on small data and 30 steps (too few to segment: the mIoU is checked by the slow test)."""
     monkeypatch.setenv("VISIONPEFT_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(ps, "_HPARAMS", {**ps._HPARAMS, **FAST})
-    monkeypatch.setattr(ps, "DEFAULT_STEPS", 40)
-    torch.manual_seed(0)
-    untrained = ps.sam_scenes_metrics(ps.build_sam_scenes(), seed=0, count=FAST["val_scenes"])
-    path = embedded_backbone_file("sam_scenes")  # trains (40 steps) and writes the official key format
+    monkeypatch.setattr(ps, "DEFAULT_STEPS", 30)
+    losses = []
+    train = ps.prompt_training_steps
+    monkeypatch.setattr(ps, "prompt_training_steps", lambda *a, **k: losses.extend(train(*a, **k)) or losses)
+    path = embedded_backbone_file("sam_scenes")  # trains (30 steps) and writes the official key format
     assert "sam_scenes" in EMBEDDED_KINDS and resolve_weights_file("embedded:sam_scenes") == str(path)
+    assert len(losses) == 30 and np.mean(losses[-10:]) < np.mean(losses[:10]) - 0.5  # the loss falls
     sam = build_sam("sam_vit_b", checkpoint=path, img_size=ps.SAM_SCENES_IMG, **ps.SAM_SCENES_ARGS)
     metrics = ps.sam_scenes_metrics(sam, seed=0, count=FAST["val_scenes"])
-    assert metrics["miou"] > untrained["miou"] + 0.1, (untrained, metrics)
 
     def no_training(*args, **kwargs):
         raise AssertionError("the cache was not used")
 
     monkeypatch.setattr(ps, "prompt_training_steps", no_training)
     t0 = time.perf_counter()
-    again, miou = ps.pretrain_sam_scenes(steps=40, cache_dir=tmp_path / "cache")
+    again, miou = ps.pretrain_sam_scenes(steps=30, cache_dir=tmp_path / "cache")
     assert time.perf_counter() - t0 < 5
     assert miou == pytest.approx(metrics["miou"], abs=1e-6)  # the file holds the pretrained weights
     assert again.pretrain_metrics["miou_target"] == pytest.approx(metrics["miou_target"], abs=1e-6)
     for k, v in sam.state_dict().items():
         assert torch.equal(v, again.state_dict()[k]), k
+    assert embedded_backbone_file("sam_scenes") == path  # no second training either
     assert list(tmp_path.joinpath("cache").glob("*.tmp")) == []  # atomic writes leave no temporary file
+
+
+@pytest.mark.slow
+def test_default_pretraining_segments_the_source_digits_better_than_the_target(tmp_path):
+    """The default recipe (about a minute on one thread): clearly better than the untrained model on the digits
+    0-4, and clearly worse on the striped digits 5-9 (the adaptation gap the demo shows)."""
+    torch.manual_seed(0)
+    untrained = ps.sam_scenes_metrics(ps.build_sam_scenes(), seed=0, count=50)
+    sam, miou = ps.pretrain_sam_scenes(cache_dir=tmp_path, threads=1)
+    assert miou > untrained["miou"] + 0.3, (untrained, miou)
+    assert sam.pretrain_metrics["miou_target"] < miou - 0.1, sam.pretrain_metrics
