@@ -25,6 +25,22 @@ own size) and ``<name>_overlay.png`` (the colour-coded mask over the image, with
 ``<name>_boxes.png`` (boxes, labels, scores, instance masks) and ``<name>_boxes.json``. Images are read with the
 run's evaluation transform (segmentation: resized to ``data.scale`` keeping the ratio; ``task.inference`` whole
 or slide).
+
+A SAM adapter (the folder holds ``sam_config.json``) is loaded onto the base SAM named by ``--sam-checkpoint`` (an
+official ``sam_vit_b_01ec64.pth`` ...; the adapter's ``sam_config.json`` gives the SAM size and input size), or,
+for an adapter trained on the project's small SAM, onto ``embedded:sam_scenes``. A promptable adapter answers the
+prompts of ``--prompts FILE.json``, in the pixels of each ORIGINAL image (``x`` the column, ``y`` the row)::
+
+    {"photo.png": {"boxes": [[x0, y0, x1, y1], ...], "points": [[x, y], ...], "labels": [1, 0, ...],
+                   "objects": [{"box": [x0, y0, x1, y1], "points": [[x, y]], "labels": [0]}, ...]}}
+
+(one mask per box, one mask for all the points together, one per entry of ``objects``; ``labels``: 1 foreground,
+0 background, default all 1); without ``--prompts`` ``SamAutomaticMaskGenerator`` segments everything
+(``--points-per-side``). It writes ``<name>_sam_overlay.png`` (the masks over the image, boxes and points drawn:
+foreground green, background red), ``<name>_sam_masks.png`` (pixel value k = mask k, 0 = none; later masks
+on top) and ``<name>_sam_masks.json`` (per mask: its prompt, predicted IoU, area, box). A semantic adapter writes
+``<name>_mask.png`` and ``<name>_overlay.png`` as a segmentation adapter does (the image's longest side resized to
+the adapter's input size and padded, as SAM does; the mask back at the image's size).
 """
 
 from __future__ import annotations
@@ -38,6 +54,7 @@ from typing import Any
 
 CONFIG_NAME = "adapter_config.json"
 CLASSES_NAME = "classes.json"
+SAM_CONFIG_NAME = "sam_config.json"
 
 
 class PredictError(Exception):
@@ -69,6 +86,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--seed", type=int, help="seed before building the base model (default: the config's, or 0)")
     p.add_argument("--no-merge", action="store_true", help="keep the adapter's hooks instead of merging it")
+    sam = p.add_argument_group("SAM adapters (sam_config.json)")
+    sam.add_argument(
+        "--sam-checkpoint",
+        help="the base SAM: an official checkpoint (sam_vit_b_01ec64.pth ...) or embedded:sam_scenes "
+        "(default for adapters of the embedded SAM)",
+    )
+    sam.add_argument("--prompts", help="JSON file of box / point prompts per image (see above)")
+    sam.add_argument("--points-per-side", type=int, default=16, help="automatic masks: grid of points (16)")
+    sam.add_argument("--pred-iou-thresh", type=float, default=0.88, help="automatic masks: predicted IoU (0.88)")
+    sam.add_argument("--stability-thresh", type=float, default=0.95, help="automatic masks: stability (0.95)")
     return p.parse_args(argv)
 
 
@@ -294,6 +321,319 @@ def predict_dense(model: Any, kind: Any, images: list[Path], out_dir: Path, scor
     return lines
 
 
+# SAM adapters -----------------------------------------------------------------------------------------------------
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def build_sam_model(args: argparse.Namespace, adapter: Path) -> tuple[Any, str]:
+    """``(SamModel, description)``: the base SAM of ``--sam-checkpoint`` (or the embedded SAM when the adapter was
+    trained on its architecture), rebuilt at the adapter's SAM size and input size, with the adapter loaded."""
+    import torch
+
+    import visionpeft as vp
+    from visionpeft.backbones.sam import sam_options
+    from visionpeft.engine.build import EMBEDDED_PREFIX, resolve_weights_file
+    from visionpeft.engine.pretrain_sam import SAM_SCENES_ARGS, SAM_SCENES_KIND, SAM_SCENES_NAME
+
+    spec = vp.sam.read_sam_spec(adapter)
+    options = dict(spec.sam)
+    name = options.pop("name", None)
+    if name is None:
+        raise PredictError(f"{adapter / SAM_CONFIG_NAME} does not name the SAM size (spec.sam.name)")
+    embedded = {k: _plain(v) for k, v in sam_options(SAM_SCENES_NAME, **SAM_SCENES_ARGS).items()}
+    is_embedded = name == SAM_SCENES_NAME and {k: _plain(v) for k, v in options.items()} == embedded
+    checkpoint = args.sam_checkpoint or (EMBEDDED_PREFIX + SAM_SCENES_KIND if is_embedded else None)
+    if checkpoint is None:
+        raise PredictError(
+            f"the SAM adapter {str(adapter)!r} was trained on {name} (encoder width "
+            f"{options.get('encoder_embed_dim')}, depth {options.get('encoder_depth')}): pass --sam-checkpoint "
+            "<its base checkpoint>, e.g. sam_vit_b_01ec64.pth for sam_vit_b"
+        )
+    if checkpoint.startswith(EMBEDDED_PREFIX):
+        path = resolve_weights_file(checkpoint)
+    else:
+        path = str(Path(checkpoint).expanduser())
+        if not Path(path).is_file():
+            raise PredictError(f"--sam-checkpoint {path!r} does not exist (the base SAM checkpoint of the adapter)")
+    sam = vp.sam.build_sam(name, checkpoint=path, img_size=spec.img_size, **options)
+    model = vp.load_adapter(sam, adapter)
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device).eval()
+    method = model.peft.peft_config[model.peft.active_adapter].method
+    what = f"{name} ({checkpoint}) + {method} SAM adapter {adapter}, {spec.mode} mode, {spec.img_size} px, on {device}"
+    return model, what
+
+
+def load_image(path: Path) -> tuple[Any, str | None]:
+    """``(uint8 (H, W, 3) RGB array, note)``: the note says when the file was not RGB and was converted."""
+    import numpy as np
+    from PIL import Image
+
+    from visionpeft.data.files import ImageReadError, pil_to_rgb
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            rgb = pil_to_rgb(im, str(path))
+    except ImageReadError as e:
+        raise PredictError(str(e)) from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise PredictError(f"cannot read image {str(path)!r}: {e}") from None
+    note = None if mode == "RGB" else f"note: {path} is a {mode} image, converted to RGB"
+    return np.asarray(rgb, dtype=np.uint8), note
+
+
+def read_prompts(path: str) -> dict[str, Any]:
+    """The prompts file: a JSON object keyed by image file names."""
+    f = Path(path).expanduser()
+    if not f.is_file():
+        raise PredictError(f"--prompts {str(f)!r} does not exist")
+    try:
+        data = json.loads(f.read_text(encoding="utf-8-sig"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PredictError(f"cannot read the prompts {str(f)!r}: {e}") from None
+    if not isinstance(data, dict):
+        raise PredictError(
+            f"{str(f)!r} must hold a JSON object keyed by image name: "
+            '{"image.png": {"boxes": [[x0, y0, x1, y1]], "points": [[x, y]], "labels": [1]}}'
+        )
+    return data
+
+
+def _entry_for(prompts: dict[str, Any], image: Path, source: str) -> Any:
+    for key in (str(image), image.name, image.as_posix()):
+        if key in prompts:
+            return prompts[key]
+    keys = ", ".join(sorted(prompts)[:8])
+    raise PredictError(f"no prompts for image {str(image)!r} in {source} (its keys are file names: {keys})")
+
+
+def _numbers(value: Any, shape: tuple[int, ...], what: str) -> Any:
+    import numpy as np
+
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        arr = None
+    if arr is None or arr.ndim != len(shape) or any(s != -1 and a != s for a, s in zip(arr.shape, shape, strict=True)):
+        raise ValueError(f"{what} must be {'a list of ' if len(shape) > 1 else ''}{shape[-1]} numbers, got {value!r}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{what} holds a non-finite number: {value!r}")
+    return arr
+
+
+def parse_prompts(entry: Any, image: Path, size: tuple[int, int]) -> list[dict[str, Any]]:
+    """One image's prompts as a list of objects ``{"box": (4,) | None, "points": (n, 2) | None, "labels": (n,)}``,
+    checked against the image's ``size`` ``(H, W)``: a prompt outside the image is refused, naming both."""
+    import numpy as np
+
+    height, width = size
+    where = f"prompts of image {str(image)!r} ({width} x {height} pixels)"
+    if not isinstance(entry, dict) or set(entry) - {"boxes", "points", "labels", "objects"}:
+        raise PredictError(f"{where}: expected an object with the keys boxes, points, labels, objects; got {entry!r}")
+    raw = [{"box": b} for b in entry.get("boxes") or []]
+    if entry.get("points") is not None or entry.get("labels") is not None:
+        raw.append({"points": entry.get("points"), "labels": entry.get("labels")})
+    objects = entry.get("objects") or []
+    if not isinstance(objects, list):
+        raise PredictError(f"{where}: 'objects' must be a list of {{box, points, labels}} objects")
+    raw += objects
+    out = []
+    for k, obj in enumerate(raw):
+        try:
+            if not isinstance(obj, dict) or set(obj) - {"box", "points", "labels"} or not obj:
+                raise ValueError(f"expected an object with a box and/or points (+ labels), got {obj!r}")
+            box = None if obj.get("box") is None else _numbers(obj["box"], (4,), "a box")
+            points = labels = None
+            if obj.get("points") is not None:
+                points = _numbers(obj["points"], (-1, 2), "points")
+                labels = obj.get("labels")
+                labels = np.ones(len(points)) if labels is None else _numbers(labels, (len(points),), "labels")
+                if not np.isin(labels, (0, 1)).all():
+                    raise ValueError(f"labels must be 1 (foreground) or 0 (background), got {obj.get('labels')!r}")
+            elif obj.get("labels") is not None:
+                raise ValueError("labels without points")
+            if box is None and (points is None or not len(points)):
+                raise ValueError("no box and no point")
+            if box is not None and (box[2] < box[0] or box[3] < box[1]):
+                raise ValueError(f"box {obj['box']!r} is not [x0, y0, x1, y1] with x0 <= x1 and y0 <= y1")
+            xy = np.concatenate([p for p in (None if box is None else box.reshape(2, 2), points) if p is not None])
+            if (xy < 0).any() or (xy[:, 0] > width).any() or (xy[:, 1] > height).any():
+                raise ValueError(
+                    f"{'box ' + repr(obj.get('box')) if box is not None else ''}"
+                    f"{' points ' + repr(obj.get('points')) if points is not None else ''} lies outside the image "
+                    f"(x in [0, {width}], y in [0, {height}])"
+                )
+        except ValueError as e:
+            raise PredictError(f"{where}, prompt {k}: {e}") from None
+        out.append({"box": box, "points": points, "labels": None if labels is None else labels.astype(np.int64)})
+    if not out:
+        raise PredictError(f"{where}: no box and no point")
+    return out
+
+
+def save_sam_png(path: Path, image: Any, masks: Any, prompts: list[dict[str, Any]], title: str) -> None:
+    """The masks ``(N, H, W)`` bool tinted over ``image`` ``(H, W, 3)`` uint8, with their prompts (boxes in the
+    mask's colour; foreground points green, background points red)."""
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from visionpeft.engine.pictures import palette
+
+    colors = palette(max(1, len(masks))) / 255.0
+    pic = image.astype("float32") / 255.0
+    for m, c in zip(masks, colors, strict=False):
+        pic[m] = 0.45 * pic[m] + 0.55 * c
+    h, w = image.shape[:2]
+    scale = 4.0 / max(h, w)
+    fig, ax = plt.subplots(figsize=(w * scale, h * scale + 0.3))
+    ax.imshow(pic, interpolation="nearest")
+    for prompt, c in zip(prompts, colors, strict=False):
+        if prompt.get("box") is not None:
+            x0, y0, x1, y1 = prompt["box"]
+            ax.add_patch(plt.Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor=c, linewidth=1.5))
+        if prompt.get("points") is not None:
+            for (x, y), lab in zip(prompt["points"], prompt["labels"], strict=True):
+                ax.plot(x, y, marker="*" if lab else "X", ms=9, mec="white", mew=0.8, color="lime" if lab else "red")
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    try:
+        fig.savefig(tmp, dpi=150)
+    finally:
+        plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _write_sam_outputs(stem: Path, rgb: Any, masks: Any, records: list[dict], prompts: list[dict], title: str) -> None:
+    import numpy as np
+    from PIL import Image
+
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    labels = np.zeros(rgb.shape[:2], dtype=np.uint8 if len(masks) < 256 else np.uint16)
+    for k, m in enumerate(masks, start=1):
+        labels[m] = k
+    Image.fromarray(labels).save(f"{stem}_sam_masks.png")
+    Path(f"{stem}_sam_masks.json").write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
+    save_sam_png(Path(f"{stem}_sam_overlay.png"), rgb, masks, prompts, title)
+
+
+def _mask_record(mask: Any) -> dict[str, Any]:
+    import numpy as np
+
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    box = [int(cols[0]), int(rows[0]), int(cols[-1]), int(rows[-1])] if len(rows) else None
+    return {"area": int(mask.sum()), "bbox_xyxy": box}
+
+
+def predict_sam(model: Any, images: list[Path], args: argparse.Namespace) -> list[str]:
+    """Write the pictures of a SAM adapter for each image (see the module docstring); one summary line each."""
+    import numpy as np
+
+    out_dir = Path(args.out_dir)
+    if model.spec.mode == "semantic":
+        return predict_sam_semantic(model, images, out_dir, args.no_merge)
+    prompts = read_prompts(args.prompts) if args.prompts else None
+    entries = {p: _entry_for(prompts, p, args.prompts) for p in images} if prompts is not None else {}
+    mergeable = model.peft.method.mergeable
+    predictor = model.predictor(merge=mergeable and not args.no_merge)
+    lines = []
+    for path in images:
+        rgb, note = load_image(path)
+        if note:
+            lines.append(note)
+        stem = out_dir / path.stem
+        if prompts is not None:
+            objects = parse_prompts(entries[path], path, rgb.shape[:2])
+            predictor.set_image(rgb)
+            masks, records = [], []
+            for obj in objects:
+                m, score, _ = predictor.predict(
+                    point_coords=obj["points"],
+                    point_labels=obj["labels"],
+                    box=obj["box"],
+                    multimask_output=False,
+                )
+                masks.append(m[0])
+                prompt = {
+                    "box": None if obj["box"] is None else obj["box"].tolist(),
+                    "points": None if obj["points"] is None else obj["points"].tolist(),
+                    "labels": None if obj["labels"] is None else obj["labels"].tolist(),
+                }
+                records.append({"mask": len(masks), "prompt": prompt, "score": float(score[0]), **_mask_record(m[0])})
+            masks = np.stack(masks)
+            title = f"{len(masks)} mask(s) for the prompts"
+        else:
+            from segment_anything import SamAutomaticMaskGenerator
+
+            generator = SamAutomaticMaskGenerator(
+                predictor.model,
+                points_per_side=args.points_per_side,
+                pred_iou_thresh=args.pred_iou_thresh,
+                stability_score_thresh=args.stability_thresh,
+            )
+            found = sorted(generator.generate(rgb), key=lambda r: -r["area"])  # small masks drawn on top
+            masks = np.stack([r["segmentation"] for r in found]) if found else np.zeros((0, *rgb.shape[:2]), bool)
+            records = [
+                {
+                    "mask": k,
+                    "score": float(r["predicted_iou"]),
+                    "stability_score": float(r["stability_score"]),
+                    "point": [float(v) for v in r["point_coords"][0]],
+                    **_mask_record(r["segmentation"]),
+                }
+                for k, r in enumerate(found, start=1)
+            ]
+            objects = []
+            title = f"{len(masks)} automatic mask(s) ({args.points_per_side} x {args.points_per_side} points)"
+        _write_sam_outputs(stem, rgb, masks, records, objects, title)
+        lines.append(f"{path}: {title.split(' (')[0]} -> {stem}_sam_overlay.png")
+    return lines
+
+
+def predict_sam_semantic(model: Any, images: list[Path], out_dir: Path, no_merge: bool) -> list[str]:
+    """Semantic SAM adapter: the class of each pixel (``<name>_mask.png``) and the overlay (``<name>_overlay.png``)."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from segment_anything.utils.transforms import ResizeLongestSide
+
+    from visionpeft.engine.pictures import save_segmentation_png
+
+    if model.peft.method.mergeable and not no_merge:
+        model.peft.merge()
+    classes = model.spec.classes or [str(i) for i in range(model.spec.num_classes)]
+    sam, size = model.sam, model.img_size
+    device = next(model.parameters()).device
+    resize = ResizeLongestSide(size)
+    lines = []
+    for path in images:
+        rgb, note = load_image(path)
+        if note:
+            lines.append(note)
+        resized = resize.apply_image(rgb)
+        x = torch.as_tensor(resized, device=device).permute(2, 0, 1)[None].float()
+        with torch.no_grad():
+            logits = model(sam.preprocess(x))  # normalised as SAM does, padded to size x size
+            logits = sam.postprocess_masks(logits, tuple(resized.shape[:2]), tuple(rgb.shape[:2]))
+        mask = logits.argmax(1)[0].cpu().numpy()
+        stem = out_dir / path.stem
+        out_dir.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(mask.astype(np.uint8 if len(classes) <= 256 else np.uint16)).save(f"{stem}_mask.png")
+        save_segmentation_png(f"{stem}_overlay.png", rgb, mask, classes)
+        counts = np.bincount(mask.ravel(), minlength=len(classes)) / mask.size
+        top = [f"{classes[c]} {100 * counts[c]:.1f}%" for c in np.argsort(-counts)[:4] if counts[c] > 0]
+        lines.append(f"{path}: {', '.join(top)} -> {stem}_overlay.png")
+    return lines
+
+
 def predict(
     model: Any, transform: Any, images: list[Path], top_k: int, batch_size: int
 ) -> list[tuple[list[int], list[float]]]:
@@ -344,6 +684,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         adapter, run = resolve_adapter(args.adapter)
         images = collect_images(args.images)
+        if (adapter / SAM_CONFIG_NAME).is_file():
+            model, what = build_sam_model(args, adapter)
+            print(f"predicting {len(images)} image(s) with {what}", flush=True)
+            for line in predict_sam(model, images, args):
+                print(line)
+            return 0
         if (adapter / "dense_config.json").is_file():
             model, kind, what = build_dense(args, adapter, run)
             print(f"predicting {len(images)} image(s) with {what}", flush=True)

@@ -40,7 +40,8 @@ from .optim import cosine_factor
 
 KINDS = ("vit", "resnet")  # the kinds :func:`pretrain_backbone` trains on single digits
 SCENES_KIND = "vit_scenes"  # the tiny ViT continued on digit scenes (:func:`pretrain_scenes_backbone`)
-EMBEDDED_KINDS = (*KINDS, SCENES_KIND)
+SAM_SCENES_KIND = "sam_scenes"  # the small SAM trained on digit scenes (:mod:`visionpeft.engine.pretrain_sam`)
+EMBEDDED_KINDS = (*KINDS, SCENES_KIND, SAM_SCENES_KIND)
 # timm architecture and keyword arguments of the tiny backbones (``num_classes`` comes on top); anything that
 # loads the cached weights into a timm model must create it with exactly these
 BACKBONE_ARGS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -409,14 +410,20 @@ def pretrain_scenes_backbone(
 
 def embedded_backbone_file(kind: str = "vit") -> Path:
     """Path of the pretrained embedded backbone (pretrained and cached on first use: ~30 s for ``"vit"``, ~1.5
-    minutes for ``"vit_scenes"``, one core).
+    minutes for ``"vit_scenes"``, about a minute for ``"sam_scenes"``, one core).
 
-    Rebuild the model with ``timm.create_model(*BACKBONE_ARGS[kind])`` (plus ``num_classes``) to load it.
+    Rebuild the model with ``timm.create_model(*BACKBONE_ARGS[kind])`` (plus ``num_classes``) to load it; the
+    ``"sam_scenes"`` file is a SAM checkpoint in the official key format
+    (:func:`visionpeft.engine.pretrain_sam.embedded_sam_file`).
     """
     from safetensors.torch import save_file
 
     if kind not in EMBEDDED_KINDS:
         raise ValueError(f"unknown embedded backbone {kind!r}; choose one of {', '.join(EMBEDDED_KINDS)}")
+    if kind == SAM_SCENES_KIND:  # a SAM checkpoint in the official key format
+        from .pretrain_sam import embedded_sam_file
+
+        return embedded_sam_file()
     version = f"{_FORMAT}.{_SCENES_FORMAT}" if kind == SCENES_KIND else f"{_FORMAT}"
     path = default_cache_dir() / f"digits-{kind}-backbone-v{version}.safetensors"
     if path.is_file():
