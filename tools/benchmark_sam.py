@@ -158,7 +158,7 @@ def sam_worker(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "name": name,
         "method": method,
         "options": options,
-        "checkpointing": checkpointing,
+        "checkpointing": bool(getattr(sam.image_encoder, "grad_checkpointing", False)),  # as the model runs
         "trainable": trainable,
         "total": total,
         "sam_params": sam_params,
