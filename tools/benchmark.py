@@ -35,9 +35,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.metadata
 import json
 import os
 import platform
+import re
 import resource
 import shlex
 import signal
@@ -50,7 +52,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import peft
 import timm
 import torch
 import torch.nn.functional as F
@@ -168,6 +169,8 @@ def build(name: str, args: argparse.Namespace) -> tuple[Any, Callable[[], Any] |
     model = make_model(args)
     method, options = CONFIGS[name]
     if method == "peft_lora":
+        import peft  # here, not at the top: it adds ~1.5 s to the start of every worker (SAM, dense)
+
         cfg = peft.LoraConfig(r=8, lora_alpha=8, target_modules=["qkv"], modules_to_save=["head"])
         pm = peft.get_peft_model(model, cfg)
         params = list(pm.parameters())
@@ -304,13 +307,14 @@ def worker_args(name: str, args: argparse.Namespace) -> list[str]:
     return out
 
 
-def run_worker(name: str, args: argparse.Namespace) -> dict[str, Any]:
-    """Run ``--worker name`` in a subprocess and parse the JSON line it prints.
+def run_worker(name: str, args: argparse.Namespace, script: Path | None = None, argv: list[str] | None = None) -> dict:
+    """Run ``--worker name`` in a subprocess and parse the JSON line it prints (``script`` with ``argv``: another
+    benchmark's worker, by default this file with :func:`worker_args`).
 
     Also records ``other_cores``: the mean CPU load (in cores) of every other process on the
     machine while the worker ran, so that a contended measurement is visible.
     """
-    cmd = [sys.executable, str(Path(__file__).resolve()), *worker_args(name, args)]
+    cmd = [sys.executable, str(script or Path(__file__).resolve()), *(argv or worker_args(name, args))]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     wait_idle(args.idle_wait)
     b0, c0, t0 = cpu_busy(), children_cpu(), time.perf_counter()
@@ -433,7 +437,7 @@ def machine_facts(args: argparse.Namespace) -> dict[str, Any]:
         "python": platform.python_version(),
         "torch": torch.__version__,
         "timm": timm.__version__,
-        "peft": peft.__version__,
+        "peft": importlib.metadata.version("peft"),
     }
 
 
@@ -471,27 +475,27 @@ Targets:
 {chr(10).join(checks)}
 ```
 """
-    dense = dense_section(path.read_text()) if path.is_file() else None
-    if dense:  # keep the dense section of an earlier --dense run
-        text = text.rstrip("\n") + "\n\n" + dense + "\n"
+    old = path.read_text() if path.is_file() else ""  # keep the marked sections of other runs (--dense, SAM)
+    for kept in re.finditer(r"<!-- (\w+) benchmark: begin.*?-->.*?<!-- \1 benchmark: end -->", old, flags=re.S):
+        text = text.rstrip("\n") + "\n\n" + kept.group(0) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
 
 
-def dense_section(text: str) -> str | None:
-    """The dense section of a benchmarks page (markers included), or ``None`` when it has none."""
-    start, end = text.find(DENSE_BEGIN), text.find(DENSE_END)
-    if start < 0 or end < start:
+def dense_section(text: str, begin: str = DENSE_BEGIN, end: str = DENSE_END) -> str | None:
+    """The dense (or another marked) section of a benchmarks page (markers included), or ``None`` when it has none."""
+    start, stop = text.find(begin), text.find(end)
+    if start < 0 or stop < start:
         return None
-    return text[start : end + len(DENSE_END)]
+    return text[start : stop + len(end)]
 
 
-def write_dense_docs(path: Path, section: str) -> None:
+def write_dense_docs(path: Path, section: str, begin: str = DENSE_BEGIN, end: str = DENSE_END) -> None:
     """Put ``section`` (the dense markers around it) into the page at ``path``: in place of its dense section,
     after the rest of the page when it has none, or as a new page; the rest of the page is left as it is."""
-    block = f"{DENSE_BEGIN}\n{section.strip()}\n{DENSE_END}"
+    block = f"{begin}\n{section.strip()}\n{end}"
     text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    old = dense_section(text)
+    old = dense_section(text, begin, end)
     if old is not None:
         text = text.replace(old, block, 1)
     else:
@@ -613,13 +617,13 @@ MODE_DEFAULTS = {  # option -> (classification default, --dense default)
 }
 
 
-def run_all(names: list[str], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+def run_all(names: list[str], args: argparse.Namespace, runner: Callable[..., dict] = run_worker) -> dict[str, dict]:
     """Measure each configuration in its own worker process; rerun a worker that other processes disturbed."""
     results = {}
     for name in names:
         for attempt in range(1 + args.retries):
             t0 = time.perf_counter()
-            r = results[name] = dict(run_worker(name, args), attempt=attempt + 1)
+            r = results[name] = dict(runner(name, args), attempt=attempt + 1)
             status = r.get("error") or f"step {r['step_ms']:.0f} ms, other load {r['other_cores']:.2f} cores"
             print(f"[{name}] {status} ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
             if "error" in r or r["other_cores"] <= OTHER_LIMIT:
