@@ -26,6 +26,8 @@ def test_every_config_loads_and_is_named_by_convention():
             "classification": cfg.data.img_size,
             "segmentation": cfg.data.crop_size,
             "detection": cfg.task.head_kwargs.get("min_size"),
+            "sam_prompt": cfg.data.crop_size,
+            "sam_semantic": cfg.data.crop_size,
         }[cfg.task.name]
         assert parts[-1].split("-")[-1] == str(resolution), path.name
         assert path.stem.startswith(cfg.method.method), path.name
@@ -52,7 +54,11 @@ def _one_per_method_and_backbone():
 def test_config_builds_on_meta_device(path):
     cfg = load_config(path, ["model.pretrained=false", "model.pretrained_file=null"])
     with torch.device("meta"):
-        if cfg.task.dense:  # the whole dense model: adapted backbone, neck, head (150 classes, as ADE20K)
+        if cfg.task.sam:  # the whole SAM (1024: ViT-B) with its adapter and decoder, as the task builds it
+            from visionpeft.engine.tasks import make_task
+
+            model = make_task(cfg).build_model(150)
+        elif cfg.task.dense:  # the whole dense model: adapted backbone, neck, head (150 classes, as ADE20K)
             from visionpeft.engine.tasks import SegmentationTask, build_dense_backbone, dense_spec
 
             task = SegmentationTask(cfg) if cfg.task.name == "segmentation" else None

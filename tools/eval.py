@@ -47,12 +47,20 @@ def main(argv: list[str] | None = None) -> int:
         seed_everything(cfg.runtime.seed)  # the same base weights as training when they are random
         _, eval_set, num_classes, task = kind.datasets()
         seed_everything(cfg.runtime.seed)
-        base = build_dense_backbone(cfg) if cfg.task.dense else build_backbone(cfg.model, num_classes)
+        if cfg.task.sam:  # the base SAM of the config (official checkpoint, embedded, or random weights)
+            from visionpeft.engine.sam_tasks import build_sam_base
+
+            base = build_sam_base(cfg)
+        else:
+            base = build_dense_backbone(cfg) if cfg.task.dense else build_backbone(cfg.model, num_classes)
         model = vp.load_adapter(base, adapter)
-        if cfg.task.dense != isinstance(model, vp.DenseModel):
+        kinds = {vp.DenseModel: "dense", vp.sam.SamModel: "SAM"}
+        have = next((v for k, v in kinds.items() if isinstance(model, k)), "classification")
+        want = "SAM" if cfg.task.sam else "dense" if cfg.task.dense else "classification"
+        if have != want:
             raise ConfigError(
-                f"the adapter {adapter} is a {'dense' if isinstance(model, vp.DenseModel) else 'classification'} "
-                f"adapter, the config's task is {cfg.task.name}: use the run's own config.yaml"
+                f"the adapter {adapter} is a {have} adapter, the config's task is {cfg.task.name}: use the run's "
+                "own config.yaml"
             )
         device = "cuda" if torch.cuda.is_available() and cfg.runtime.device != "cpu" else "cpu"
         model.to(device)
@@ -66,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError, ValueError) as e:  # OSError: missing or unreadable files, corrupt images
         print(f"error: {error_message(e)}", file=sys.stderr)
         return 2
-    peft = model.peft if isinstance(model, vp.DenseModel) else model
+    peft = model.peft if isinstance(model, (vp.DenseModel, vp.sam.SamModel)) else model
     method = peft.peft_config[peft.active_adapter].method  # the adapter file decides, not the config
     metrics = {
         "task": task,
@@ -78,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     main = kind.main_metric
     print(f"{task}: {main} {metrics[main]:.2f} on {metrics['eval_samples']} images ({method}, {adapter})")
-    for key in ("mAcc", "aAcc", "bbox_mAP_50", "bbox_mAP_75", "segm_mAP", "segm_mAP_50"):
+    for key in ("point_mIoU", "mAcc", "aAcc", "bbox_mAP_50", "bbox_mAP_75", "segm_mAP", "segm_mAP_50"):
         if key in metrics:
             print(f"  {key} {metrics[key]:.2f}")
     if "per_class_IoU" in metrics:

@@ -255,7 +255,11 @@ class RuntimeConfig:
         _at_least("runtime.threads", self.threads, 1, optional=True)
 
 
-TASKS = ("classification", "segmentation", "detection")
+TASKS = ("classification", "segmentation", "detection", "sam_prompt", "sam_semantic")
+SAM_TASKS = ("sam_prompt", "sam_semantic")
+# task keys of the SAM tasks (both), and those of the promptable one only, with their defaults
+SAM_TASK_KEYS = ("grad_checkpointing", "decoder", "cache_embeddings")
+SAM_PROMPT_KEYS = ("prompt_classes", "max_objects", "min_area", "prompts", "box_prob", "refine_iters", "mask_loss")
 
 
 @dataclasses.dataclass
@@ -267,7 +271,19 @@ class TaskConfig:
     ``mask_rcnn``, ``retinanet``, ``fcos``); ``None``: upernet / faster_rcnn. head_kwargs: its options. aux_weight:
     weight of the auxiliary FCN head's loss (0: no auxiliary head; mmseg's UperNet recipes: 0.4). dice_weight:
     weight of a dice loss added to the cross-entropy. inference: ``whole`` image or ``slide`` window (segmentation).
-    slide_crop, slide_stride: the window and its step (``None``: data.crop_size and two thirds of it)."""
+    slide_crop, slide_stride: the window and its step (``None``: data.crop_size and two thirds of it).
+
+    Segment Anything (``sam_prompt``: promptable masks from box / point prompts; ``sam_semantic``: one mask per
+    class, SAMed's mode; ``model.name`` one of ``sam_vit_b`` / ``sam_vit_l`` / ``sam_vit_h``). Both:
+    grad_checkpointing: activation checkpointing of the image encoder. decoder: ``train`` (the mask decoder trains
+    and is saved with the adapter) or ``frozen`` (applies when ``method.modules_to_save`` is not set).
+    cache_embeddings: image embeddings kept in memory when the encoder does not train (decoder-only runs; 0: off).
+    ``sam_prompt`` only: prompt_classes: the classes whose objects are prompted (class names, or integer label ids;
+    ``None``: every class but the background). max_objects: objects per image and step (a random choice).
+    min_area: smallest object (pixels). prompts: the prompt kinds of the first iteration (``box``, ``point``).
+    box_prob: the probability of a box when both kinds are listed. refine_iters: corrective iterations after the
+    first (SAM's: a point on the error region and the previous mask as input). mask_loss: ``focal_dice`` (SAM's
+    20:1) or ``bce`` (binary cross-entropy + dice); the IoU head is trained with an MSE in both."""
 
     name: str = "classification"
     neck: str | None = None
@@ -279,9 +295,22 @@ class TaskConfig:
     inference: str = "whole"
     slide_crop: int | None = None
     slide_stride: int | None = None
+    # Segment Anything (sam_prompt, sam_semantic)
+    grad_checkpointing: bool = False
+    decoder: str = "train"
+    cache_embeddings: int = 0
+    # sam_prompt
+    prompt_classes: list[str | int] | None = None
+    max_objects: int = 8
+    min_area: int = 10
+    prompts: list[str] = dataclasses.field(default_factory=lambda: ["box", "point"])
+    box_prob: float = 0.5
+    refine_iters: int = 2
+    mask_loss: str = "focal_dice"
 
     def __post_init__(self) -> None:
         _one_of("task.name", self.name, TASKS)
+        self._check_sam_keys()
         _one_of("task.inference", self.inference, ("whole", "slide"))
         for key in ("aux_weight", "dice_weight"):
             _finite(f"task.{key}", getattr(self, key))
@@ -296,9 +325,50 @@ class TaskConfig:
                         f"task.{key} is for dense tasks; set task.name to segmentation or detection, or remove it"
                     )
 
+    def _check_sam_keys(self) -> None:
+        fields = {f.name: f for f in dataclasses.fields(self)}
+
+        def default(key: str) -> Any:
+            f = fields[key]
+            return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+
+        foreign = {"sam_prompt": (), "sam_semantic": SAM_PROMPT_KEYS}.get(self.name, SAM_TASK_KEYS + SAM_PROMPT_KEYS)
+        for key in foreign:
+            if getattr(self, key) != default(key):
+                which = "task.name sam_prompt" if key in SAM_PROMPT_KEYS else "task.name sam_prompt or sam_semantic"
+                raise ConfigError(f"task.{key} is a key of {which}, not of {self.name}; remove it")
+        if self.name not in SAM_TASKS:
+            return
+        for key in ("neck", "head"):
+            if getattr(self, key) is not None:
+                raise ConfigError(f"task.{key} does not apply to {self.name} (SAM's own mask decoder): remove it")
+        if self.inference != "whole":
+            raise ConfigError(f"task.inference must be 'whole' for {self.name} (SAM takes whole padded images)")
+        _one_of("task.decoder", self.decoder, ("train", "frozen"), " (frozen: only the encoder's adapter trains)")
+        _at_least("task.cache_embeddings", self.cache_embeddings, 0)
+        _at_least("task.max_objects", self.max_objects, 1)
+        _at_least("task.min_area", self.min_area, 1)
+        _at_least("task.refine_iters", self.refine_iters, 0)
+        _one_of("task.mask_loss", self.mask_loss, ("focal_dice", "bce"))
+        if not self.prompts or len(set(self.prompts)) != len(self.prompts):
+            raise ConfigError(f"task.prompts must list box and / or point once each, got {self.prompts!r}")
+        for i, kind in enumerate(self.prompts):
+            _one_of(f"task.prompts[{i}]", kind, ("box", "point"))
+        _finite("task.box_prob", self.box_prob)
+        if not 0.0 <= self.box_prob <= 1.0:
+            raise ConfigError(f"task.box_prob must be in [0, 1], got {self.box_prob!r}")
+        if self.prompt_classes is not None and not self.prompt_classes:
+            raise ConfigError("task.prompt_classes is an empty list: name at least one class, or null for every class")
+
     @property
     def dense(self) -> bool:
-        return self.name != "classification"
+        """A task of :class:`~visionpeft.dense.DenseModel` (segmentation, detection)."""
+        return self.name in ("segmentation", "detection")
+
+    @property
+    def sam(self) -> bool:
+        """A Segment Anything task (``sam_prompt``, ``sam_semantic``)."""
+        return self.name in SAM_TASKS
 
 
 SECTIONS = {
@@ -320,6 +390,40 @@ class ExperimentConfig:
     optimizer: OptimizerConfig = dataclasses.field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = dataclasses.field(default_factory=ScheduleConfig)
     runtime: RuntimeConfig = dataclasses.field(default_factory=RuntimeConfig)
+
+    def __post_init__(self) -> None:
+        self._check_sam()
+
+    def _check_sam(self) -> None:
+        """The keys that must agree across sections for a SAM task (and a SAM model only in a SAM task)."""
+        from ..backbones.sam import SAM_ARCHS
+
+        m, t = self.model, self.task
+        if not t.sam:
+            if m.name in SAM_ARCHS:
+                raise ConfigError(
+                    f"model.name={m.name} is Segment Anything: set task.name to sam_prompt or sam_semantic"
+                )
+            return
+        if m.name not in SAM_ARCHS:
+            raise ConfigError(
+                f"task.name={t.name} needs a SAM model: model.name must be one of {', '.join(SAM_ARCHS)}, "
+                f"got {m.name!r}"
+            )
+        if m.pretrained:
+            raise ConfigError(
+                "model.pretrained: SAM's weights come from model.pretrained_file (the official checkpoint, e.g. "
+                "sam_vit_b_01ec64.pth); set model.pretrained=false"
+            )
+        size = m.img_size or 1024
+        if self.data.crop_size != size:
+            raise ConfigError(
+                f"data.crop_size={self.data.crop_size} differs from model.img_size={size}: SAM takes "
+                f"{size} x {size} inputs, so the training crops must have that size (set data.crop_size={size}, "
+                f"or model.img_size={self.data.crop_size} to build SAM for that size)"
+            )
+        if m.num_classes is not None:
+            raise ConfigError(f"model.num_classes is not read by {t.name} (the classes come from the data): remove it")
 
     def to_dict(self) -> dict[str, Any]:
         out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}

@@ -68,6 +68,10 @@ class Task:
         task has one (a non-finite one stops the run)."""
         raise NotImplementedError
 
+    def result_extras(self, model: nn.Module) -> dict[str, Any]:
+        """Task-specific entries of ``results.json`` (e.g. the adapter's own parameter count)."""
+        return {}
+
 
 # ---------------------------------------------------------------------------------------------------------------
 class ClassificationTask(Task):
@@ -181,6 +185,10 @@ class _DenseTask(Task):
             if isinstance(e, ConfigError):
                 raise
             raise ConfigError(f"task: cannot build the {self.name} model on {self.cfg.model.name}: {e}") from e
+
+    def result_extras(self, model: nn.Module) -> dict[str, Any]:
+        # a dense model's trainable parameters inside the backbone (the adapter), the rest being neck and heads
+        return {"adapter_params": model.peft.get_nb_trainable_parameters()[0]}
 
 
 def pad_collate(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, list, list]:
@@ -351,5 +359,9 @@ TASK_CLASSES = {t.name: t for t in (ClassificationTask, SegmentationTask, Detect
 
 
 def make_task(cfg: ExperimentConfig) -> Task:
-    """The task object of ``cfg.task.name``."""
+    """The task object of ``cfg.task.name`` (the SAM tasks live in :mod:`.sam_tasks`)."""
+    if cfg.task.name not in TASK_CLASSES:
+        from .sam_tasks import SamPromptTask, SamSemanticTask
+
+        TASK_CLASSES.update({t.name: t for t in (SamPromptTask, SamSemanticTask)})
     return TASK_CLASSES[cfg.task.name](cfg)

@@ -491,12 +491,7 @@ class Trainer:
             **metrics,
             "trainable_params": trainable,
             "total_params": total,
-            # a dense model's trainable parameters inside the backbone (the adapter), the rest being neck and heads
-            **(
-                {"adapter_params": self.peft.peft.get_nb_trainable_parameters()[0]}
-                if self.kind.name != "classification"
-                else {}
-            ),
+            **self.kind.result_extras(self.peft),  # dense, SAM: the adapter's own parameter count
             "epochs": self.epoch,
             "steps": self.step,
             "seconds": seconds,
