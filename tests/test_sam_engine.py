@@ -93,6 +93,14 @@ def test_build_errors_name_the_keys():
         make_task(cfg).build_model(11)
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_a_frozen_decoder_stays_frozen(method):
+    cfg = load_config(None, tiny("sam_prompt", "task.decoder=frozen", method=method))
+    model = make_task(cfg).build_model(11)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and not [n for n in trainable if "mask_decoder" in n or "prompt_encoder" in n]
+
+
 def test_prompt_classes_by_name_or_label_id():
     classes = ["background", *(str(d) for d in range(10))]
     task = SamPromptTask(load_config(None, tiny("sam_prompt", f"task.prompt_classes={DIGITS}")))

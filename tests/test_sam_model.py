@@ -157,3 +157,28 @@ def test_automatic_mask_generator_runs_on_the_adapted_sam(tmp_path):
     masks = generator.generate(img)
     assert masks and masks[0]["segmentation"].shape == (IMG, 48)
     assert {"bbox", "predicted_iou", "point_coords"} <= set(masks[0])
+
+
+def test_lora_on_the_mask_decoder_needs_the_decoder_out_of_modules_to_save():
+    targets = ["qkv", r"mask_decoder\..*_proj"]
+    model = SamModel.from_sam(tiny(), vp.LoRAConfig(rank=2, targets=targets, modules_to_save=[], init_weights=False))
+    emb = model.image_embeddings(images(1))
+    low, _ = model.decode(emb, boxes=BOX)
+    low.sum().backward()
+    decoder_lora = [p for n, p in model.named_parameters() if "mask_decoder" in n and "lora_" in n]
+    assert decoder_lora and all(p.grad is not None and p.grad.abs().sum() > 0 for p in decoder_lora)
+    # with the decoder trained as a whole copy (the default), its LoRA layers would never run: refused
+    with pytest.raises(ValueError, match="inside modules_to_save"):
+        SamModel.from_sam(tiny(), vp.LoRAConfig(rank=2, targets=targets))
+
+
+def test_a_training_encoder_is_never_served_from_the_cache():
+    model = SamModel.from_sam(tiny(), vp.LoRAConfig(rank=2, init_weights=False), cache_size=4)
+    x = images(1)
+    with torch.no_grad():
+        first = model.image_embeddings(x)
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1)
+        second = model.image_embeddings(x)
+    assert not torch.allclose(first, second)

@@ -135,6 +135,13 @@ class PeftVisionModel(nn.Module):
                 close = difflib.get_close_matches(n, [m for m in modules if m], n=5, cutoff=0.5)
                 raise ValueError(f"modules_to_save: no module named {n!r} in the base model. Close names: {close}")
             saves.append((n, ModulesToSave(modules[n], config.init_weights)))
+        inside = [m for m, _ in layers for n in save_names if m == n or m.startswith(n + ".")]
+        if inside:
+            raise ValueError(
+                f"{config.method} targets {inside[:3]} lie inside modules_to_save {list(save_names)}, which train "
+                "as a whole copy (the method's layers there would never run): set modules_to_save=[] (or leave "
+                "that module out of it) to adapt it with the method, or exclude those modules from the targets"
+            )
         base_trained = method.base_parameters_to_train(self.base_model, config)
         skip = tuple(n + "." for n in save_names)
         base_trained = [p for p in base_trained if not p.startswith(skip)]

@@ -77,6 +77,8 @@ def sam_method_config(cfg: ExperimentConfig) -> Any:
                 "would train; set task.decoder=train (decoder-only training) or choose an encoder method"
             )
         method = dataclasses.replace(method, modules_to_save=[])
+        if method.method == "full":  # full fine-tuning trains base weights in place: leave the decoder out
+            method = dataclasses.replace(method, exclude=[*(method.exclude or []), r"mask_decoder\..*"])
     return method
 
 

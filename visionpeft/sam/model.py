@@ -193,10 +193,11 @@ class SamModel(nn.Module):
         Without a trainable encoder they are computed without autograd (and cached when ``cache_size > 0``)."""
         _check_images(images, self.img_size)
         encoder = self.sam.image_encoder
-        if self.encoder_trains and torch.is_grad_enabled():
+        trains = self.encoder_trains
+        if trains and torch.is_grad_enabled():
             return encoder(images)
         with torch.no_grad():
-            if self.cache_size <= 0:
+            if self.cache_size <= 0 or trains:  # a training encoder changes: its embeddings are never reused
                 return encoder(images)
             return torch.cat([self._cached(encoder, x[None]) for x in images])
 
