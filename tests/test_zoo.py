@@ -158,6 +158,15 @@ ZOO.update(
     }
 )
 
+
+def _sam_encoder() -> torch.nn.Module:
+    from visionpeft.sam import TINY_SAM, build_sam
+
+    return build_sam("sam_vit_b", img_size=IMG, **TINY_SAM).image_encoder
+
+
+ZOO["sam_image_encoder"] = (_sam_encoder, "sam")  # segment_anything's ImageEncoderViT (SAM's own module names)
+
 ROWS = rows()
 
 
