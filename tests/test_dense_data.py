@@ -429,3 +429,23 @@ def test_build_dense_datasets_rejects_wrong_dataset_or_task() -> None:
         build_dense_datasets(_cfg(dataset="ade20k", root="/x"), "detection")
     with pytest.raises(ValueError, match="unknown dense task"):
         build_dense_datasets(_cfg(dataset="coco"), "classification")
+
+
+def test_binary_masks_of_0_and_255_are_background_and_object(tmp_path: Path) -> None:
+    mask = np.zeros((12, 16))
+    mask[3:8, 4:10] = 255  # a binary PNG as image tools save it
+    for split in ("train", "val"):
+        images, masks = _seg_folder(tmp_path / "_" / split, {"a": mask})
+        for kind, folder in (("images", images), ("masks", masks)):
+            (tmp_path / "seg" / kind).mkdir(parents=True, exist_ok=True)
+            folder.rename(tmp_path / "seg" / kind / split)
+    cfg = _cfg(dataset="segfolder", root=str(tmp_path / "seg"), binary_masks=True, hflip=0.0)
+    _, evaluation, classes = build_dense_datasets(cfg, "segmentation")
+    assert classes == ["background", "object"]
+    labels = evaluation[0][1]
+    assert set(labels.unique().tolist()) == {0, 1} and int((labels == 1).sum()) == 30
+    # without the option the 255 pixels are the ignore index: nothing would be labelled
+    plain = SegFolder(tmp_path / "seg" / "images" / "val", tmp_path / "seg" / "masks" / "val", ["bg", "x"])
+    assert set(np.unique(plain.read(0)[1]).tolist()) == {0, 255}
+    with pytest.raises(ValueError, match="2 classes"):
+        SegFolder(tmp_path / "seg" / "images" / "val", tmp_path / "seg" / "masks" / "val", ["a", "b", "c"], binary=True)

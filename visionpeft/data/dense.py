@@ -4,14 +4,15 @@
 
 - segmentation: ``ade20k`` (``data.root``: ``ADEChallengeData2016`` or its parent), ``segfolder``
   (``data.root/images/{train,val}/*`` + ``data.root/masks/{train,val}/<stem>.png`` and a class list:
-  ``data.classes``, ``data.classes_file`` or ``data.root/classes.txt``), ``digit_scenes`` (the embedded default);
+  ``data.classes``, ``data.classes_file`` or ``data.root/classes.txt``; ``data.binary_masks``: 0 / non-zero PNGs
+  as background / object), ``digit_scenes`` (the embedded default);
 - detection: ``coco`` (``data.root`` in the COCO 2017 layout, or ``data.train_ann`` / ``data.eval_ann`` /
   ``data.train_images`` / ``data.eval_images``), ``digit_scenes``.
 
 Keys read (with these defaults when absent): ``crop_size`` 512, ``scale`` [2048, 512], ``ratio_range``
 [0.5, 2.0], ``cat_max_ratio`` 0.75, ``hflip`` 0.5, ``photometric`` True, ``mean`` / ``std`` ImageNet's,
 ``reduce_zero_label`` None (True for ade20k, False otherwise), ``ignore_index`` 255, ``classes``,
-``classes_file``, ``masks`` False, ``num_train`` / ``num_eval`` (digit scenes: 800 / 200).
+``classes_file``, ``masks`` False, ``binary_masks`` False, ``num_train`` / ``num_eval`` (digit scenes: 800 / 200).
 """
 
 from __future__ import annotations
@@ -92,6 +93,9 @@ def _segmentation(cfg: Any, dataset: str) -> tuple[Dataset, Dataset, list[str]]:
     if dataset == "segfolder":
         root = _root(cfg, dataset, "root/images/{train,val}/* with root/masks/{train,val}/<stem>.png")
         classes = _override_classes(cfg, None, dataset)
+        binary = bool(_get(cfg, "binary_masks", False))
+        if classes is None and binary and not (root / "classes.txt").is_file():
+            classes = ["background", "object"]
         if classes is None:
             if not (root / "classes.txt").is_file():
                 raise ValueError(
@@ -99,7 +103,7 @@ def _segmentation(cfg: Any, dataset: str) -> tuple[Dataset, Dataset, list[str]]:
                     f"or write {str(root / 'classes.txt')!r} (one name per line, in label order)"
                 )
             classes = read_classes(root / "classes.txt")
-        kw = {"reduce_zero_label": bool(rzl), "ignore_index": ignore}
+        kw = {"reduce_zero_label": bool(rzl), "ignore_index": ignore, "binary": binary}
         sets = [SegFolder(root / "images" / s, root / "masks" / s, classes, tf, **kw) for s, tf in
                 (("train", train_tf), ("val", eval_tf))]  # fmt: skip
         return sets[0], sets[1], list(classes)  # type: ignore[arg-type]

@@ -138,6 +138,7 @@ class SegmentationDataset(Dataset):
         reduce_zero_label: 0 -> ``ignore_index``, k -> k - 1 (mmseg's rule for data where 0 means "unlabelled").
         ignore_index: the label not counted by losses and metrics.
         check_samples: read (and check) this many samples at construction.
+        binary: binary masks: every non-zero pixel (255 in a 0 / 255 PNG) is class 1, zero is class 0.
 
     Returns (per item):
         ``image`` (3, H, W) float tensor and ``mask`` (H, W) int64 tensor (sizes as the transform makes them).
@@ -151,9 +152,13 @@ class SegmentationDataset(Dataset):
         reduce_zero_label: bool = False,
         ignore_index: int = 255,
         check_samples: int = 4,
+        binary: bool = False,
     ) -> None:
         self.pairs = [(Path(i), Path(m)) for i, m in pairs]
         self.classes = list(classes)
+        self.binary = bool(binary)
+        if self.binary and len(self.classes) != 2:
+            raise ValueError(f"binary masks have 2 classes (background, object), got the names {self.classes}")
         self.transform = transform
         self.reduce_zero_label = bool(reduce_zero_label)
         self.ignore_index = int(ignore_index)
@@ -194,7 +199,7 @@ class SegmentationDataset(Dataset):
                 f"image {str(image_path)!r} is {image.shape[1]}x{image.shape[0]} (width x height) but its mask "
                 f"{str(mask_path)!r} is {raw.shape[1]}x{raw.shape[0]}; a mask must have its image's size"
             )
-        mask = raw.astype(np.int32)
+        mask = (raw > 0).astype(np.int32) if self.binary else raw.astype(np.int32)
         if self.reduce_zero_label:
             mask = mask - 1
             mask[raw == 0] = self.ignore_index
@@ -334,7 +339,7 @@ class SegFolder(SegmentationDataset):
     Args:
         images_dir: the images. masks_dir: single-channel PNG masks (mode L, P or 16-bit), one per image.
         classes: class names in label order, or a text file with one name per line.
-        transform, reduce_zero_label, ignore_index, check_samples: as :class:`SegmentationDataset`.
+        transform, reduce_zero_label, ignore_index, check_samples, binary: as :class:`SegmentationDataset`.
     """
 
     def __init__(
@@ -346,8 +351,9 @@ class SegFolder(SegmentationDataset):
         reduce_zero_label: bool = False,
         ignore_index: int = 255,
         check_samples: int = 4,
+        binary: bool = False,
     ) -> None:
         names = read_classes(classes)
         self.images_dir, self.masks_dir = Path(images_dir).expanduser(), Path(masks_dir).expanduser()
         pairs = pair_images_and_masks(self.images_dir, self.masks_dir)
-        super().__init__(pairs, names, transform, reduce_zero_label, ignore_index, check_samples)
+        super().__init__(pairs, names, transform, reduce_zero_label, ignore_index, check_samples, binary)

@@ -89,6 +89,7 @@ DENSE_DATA_KEYS = (
     "train_images",
     "eval_images",
     "masks",
+    "binary_masks",
     "num_train",
     "num_eval",
 )
@@ -152,6 +153,7 @@ class DataConfig:
     train_images: str | None = None
     eval_images: str | None = None
     masks: bool = False
+    binary_masks: bool = False
     num_train: int | None = None
     num_eval: int | None = None
 
