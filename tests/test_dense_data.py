@@ -448,4 +448,4 @@ def test_binary_masks_of_0_and_255_are_background_and_object(tmp_path: Path) -> 
     plain = SegFolder(tmp_path / "seg" / "images" / "val", tmp_path / "seg" / "masks" / "val", ["bg", "x"])
     assert set(np.unique(plain.read(0)[1]).tolist()) == {0, 255}
     with pytest.raises(ValueError, match="2 classes"):
-        SegFolder(tmp_path / "seg" / "images" / "val", tmp_path / "seg" / "masks" / "val", ["a", "b", "c"], binary=True)
+        SegFolder(plain.images_dir, plain.masks_dir, ["a", "b", "c"], binary=True)
