@@ -29,11 +29,13 @@ from .methods.bitfit import BitFitConfig
 from .methods.conv_adapter import ConvAdapterConfig
 from .methods.dora import DoRAConfig
 from .methods.full import FullFinetuneConfig
+from .methods.ia3 import IA3Config
 from .methods.linear_probe import LinearProbeConfig
 from .methods.ln_tune import LNTuneConfig
 from .methods.lora import LoRAConfig
 from .methods.parallel_adapter import ParallelAdapterConfig
 from .methods.ssf import SSFConfig
+from .methods.vera import VeRAConfig
 from .methods.vpt import VPTConfig
 from .model import PeftVisionModel, get_peft_model
 from .sam import SamModel
@@ -66,6 +68,7 @@ __all__ = [
     "DenseSpec",
     "DoRAConfig",
     "FullFinetuneConfig",
+    "IA3Config",
     "LinearProbeConfig",
     "LNTuneConfig",
     "LoRAConfig",
@@ -74,6 +77,7 @@ __all__ = [
     "PeftVisionModel",
     "SamModel",
     "SSFConfig",
+    "VeRAConfig",
     "VPTConfig",
     "detect_backbone",
     "get_backbone",
