@@ -131,7 +131,7 @@ def test_ia3_unmerge_restores_channels_scaled_by_zero():
         torch.testing.assert_close(v, before[k], rtol=1e-6, atol=1e-6)
 
 
-def test_ia3_bad_slices_and_hosted_qkv_are_refused():
+def test_bad_slices_and_unreachable_qkv_are_refused():
     with pytest.raises(ValueError, match="qkv_slices"):
         vp.IA3Config(qkv_slices="kx")
     eva = timm.create_model("eva02_tiny_patch14_224", img_size=32, depth=1, num_classes=3)
@@ -139,6 +139,14 @@ def test_ia3_bad_slices_and_hosted_qkv_are_refused():
         vp.get_peft_model(eva, vp.IA3Config())
     pm = vp.get_peft_model(eva, vp.IA3Config(targets=["mlp_out"], modules_to_save=[]))
     assert list(pm.peft_modules["default"]) == ["blocks-0-mlp-fc2"]
+    pm.unload()
+    with pytest.raises(ValueError, match="F.linear.*targets"):
+        vp.get_peft_model(eva, vp.VeRAConfig(rank=4))
+    # torchvision's ViT: qkv is a nn.MultiheadAttention, whose k / v a hook cannot scale: refused, not skipped
+    tv = pytest.importorskip("torchvision").models.VisionTransformer(32, 16, 1, 2, 16, 32, num_classes=3)
+    for cfg in (vp.IA3Config(), vp.VeRAConfig(rank=4)):
+        with pytest.raises(ValueError, match="MultiheadAttention.*targets"):
+            vp.get_peft_model(tv, cfg)
 
 
 # VeRA ------------------------------------------------------------------------------------------------------
