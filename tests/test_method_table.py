@@ -158,19 +158,11 @@ def test_weight_decay_follows_the_layers_declarations():
 
 
 def test_adapter_parameter_names_carry_the_method_prefix():
-    prefixes = {
-        "lora": "lora_",
-        "dora": "dora_",
-        "adaptformer": "adaptformer_",
-        "parallel_adapter": "parallel_adapter_",
-        "adapter": "adapter_",
-        "conv_adapter": "conv_adapter_",
-        "vpt": "vpt_",
-        "bitfit": "bitfit_",
-        "ssf": "ssf_",
-        "ln_tune": "ln_tune_",
-    }
+    """Every method's parameters are named ``<method>_...`` (full fine-tuning and the linear probe train base
+    weights and the head, which keep their own names)."""
     for name in vp.list_methods():
+        if name in ("full", "linear_probe"):
+            continue
         method = vp.get_method(name)
         for backbone in BACKBONES:
             base = seeded(BACKBONES[backbone])
@@ -178,10 +170,10 @@ def test_adapter_parameter_names_carry_the_method_prefix():
             if method.unsupported_reason(base, vp.detect_backbone(base), cfg) is not None:
                 continue
             pm = vp.get_peft_model(base, cfg)
-            for key in pm.adapter_state_dict():
-                leaf = key.rsplit(".", 1)[-1]
-                if name in prefixes:
-                    assert leaf.startswith(prefixes[name]), f"{name}: {key}"
+            keys = list(pm.adapter_state_dict())
+            assert keys, name
+            for key in keys:
+                assert key.rsplit(".", 1)[-1].startswith(name + "_"), f"{name}: {key}"
             break
 
 
