@@ -29,7 +29,7 @@ def test_notebook_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     nb = nbformat.read(NOTEBOOK, as_version=4)
     client = nbclient.NotebookClient(
-        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
+        nb, timeout=1800, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}
     )
     client.execute()  # raises CellExecutionError naming the failing cell
     text = "\n".join(
