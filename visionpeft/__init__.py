@@ -31,6 +31,8 @@ from .methods.dora import DoRAConfig
 from .methods.full import FullFinetuneConfig
 from .methods.linear_probe import LinearProbeConfig
 from .methods.ln_tune import LNTuneConfig
+from .methods.loha import LoHaConfig
+from .methods.lokr import LoKrConfig
 from .methods.lora import LoRAConfig
 from .methods.parallel_adapter import ParallelAdapterConfig
 from .methods.ssf import SSFConfig
@@ -68,6 +70,8 @@ __all__ = [
     "FullFinetuneConfig",
     "LinearProbeConfig",
     "LNTuneConfig",
+    "LoHaConfig",
+    "LoKrConfig",
     "LoRAConfig",
     "MethodConfig",
     "ParallelAdapterConfig",
