@@ -189,7 +189,7 @@ class LoHa(LoRA):
     mergeable = True
     reaches_hosted_weights = True
     variants = (
-        Variant("loha", {"rank": 4}, lr=1e-2, paper={"rank": 8, "alpha": 8}, stem="loha-r8", gain=None),
+        Variant("loha", {"rank": 4}, lr=3e-2, paper={"rank": 8, "alpha": 8}, stem="loha-r8", gain=(0.03, 0.17)),
     )
 
     @classmethod

@@ -28,8 +28,8 @@ import torch.nn as nn
 
 from .._registry import register_method
 from ._base import AdapterLayer, Site, Variant, register
+from .loha import LoHaConfig, WeightDeltaLayer, init_stack_
 from .lora import LoRA, _weight, hosted, site_slices
-from .loha import LoHaConfig, WeightDeltaLayer, flat_in, init_stack_
 
 
 @dataclasses.dataclass
@@ -158,7 +158,7 @@ class LoKr(LoRA):
     mergeable = True
     reaches_hosted_weights = True
     variants = (
-        Variant("lokr", {"rank": 4}, lr=1e-2, paper={"rank": 8, "alpha": 8}, stem="lokr-r8", gain=None),
+        Variant("lokr", {"rank": 4}, lr=3e-2, paper={"rank": 8, "alpha": 8}, stem="lokr-r8", gain=(0.023, 0.115)),
     )
 
     @classmethod
