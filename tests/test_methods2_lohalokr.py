@@ -10,7 +10,8 @@ import torch.nn as nn
 from conftest import image, make_resnet, make_vit, seeded
 
 import visionpeft as vp
-from visionpeft.methods.lokr import factorize
+from visionpeft.methods.loha import LoHaLayer
+from visionpeft.methods.lokr import LoKrLayer, factorize
 
 
 def grouped_net() -> nn.Module:
@@ -83,8 +84,9 @@ def test_factorize_matches_peft():
 
 
 def _vit_b16():
-    torch.manual_seed(0)
-    return timm.create_model("vit_base_patch16_224", pretrained=False)
+    """ViT-B/16 with random weights, on the meta device: the counts need shapes only (and take no time)."""
+    with torch.device("meta"):
+        return timm.create_model("vit_base_patch16_224", pretrained=False)
 
 
 def test_vit_b16_parameter_counts_follow_the_papers_formulas():
@@ -166,3 +168,19 @@ def test_bad_options_name_the_key():
         vp.LoHaConfig(qkv_slices="qx")
     with pytest.raises(ValueError, match="rank"):
         vp.LoHaConfig(rank=0)
+
+
+def test_two_active_weight_delta_layers_on_one_module_add_their_deltas():
+    """What several adapters active at once on one Linear compute: W + dW_loha + dW_lokr (neither is lost)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 4)
+    x = torch.randn(3, 6)
+    loha = LoHaLayer(lin, rank=2, scaling=1.0, slices=None, init_weights=False)
+    lokr = LoKrLayer(lin, vp.LoKrConfig(rank=1, init_weights=False), slices=None)
+    handles = loha.attach(lin) + lokr.attach(lin)
+    loha.active = lokr.active = True
+    expected = torch.nn.functional.linear(x, lin.weight + loha.delta_weight() + lokr.delta_weight(), lin.bias)
+    torch.testing.assert_close(lin(x), expected)
+    assert isinstance(lin.weight, nn.Parameter) and "weight" not in lin.__dict__
+    for h in handles:
+        h.remove()

@@ -60,7 +60,8 @@ class WeightDeltaLayer(AdapterLayer):
     A forward pre-hook on the module that reads the weight (the target itself, or its ``host``) puts
     ``W + dW`` in the target's instance ``__dict__``, where it shadows the Parameter for the duration of the
     forward; a forward hook (also when the forward raises) removes it. The Parameter, the module tree and the
-    state_dict keys never change. Subclasses implement :meth:`delta_weight`.
+    state_dict keys never change. Several such layers active on one module add their deltas. Subclasses
+    implement :meth:`slice_deltas`.
 
     Args:
         target: the adapted module. host: the module that reads the weight (``None``: the target).
@@ -110,7 +111,7 @@ class WeightDeltaLayer(AdapterLayer):
 
     def _supply(self, target: nn.Module) -> None:
         if self.active and not self.merged:  # shadows the Parameter (instance attributes come first)
-            w = self.weight_of(target)
+            w = target.__dict__.get(self.param, self.weight_of(target))  # on top of another active layer's
             target.__dict__[self.param] = w + self.delta_weight().to(w.dtype)
 
     def _withdraw(self, target: nn.Module) -> None:
@@ -142,7 +143,7 @@ def init_stack_(p: torch.Tensor, zero: bool, init_weights: bool) -> None:
         elif init_weights:
             nn.init.zeros_(m)
         else:
-            random_init_(m, 0.05)
+            random_init_(m, 0.5)
 
 
 class LoHaLayer(WeightDeltaLayer):
