@@ -32,6 +32,8 @@ from .methods.full import FullFinetuneConfig
 from .methods.ia3 import IA3Config
 from .methods.linear_probe import LinearProbeConfig
 from .methods.ln_tune import LNTuneConfig
+from .methods.loha import LoHaConfig
+from .methods.lokr import LoKrConfig
 from .methods.lora import LoRAConfig
 from .methods.parallel_adapter import ParallelAdapterConfig
 from .methods.ssf import SSFConfig
@@ -71,6 +73,8 @@ __all__ = [
     "IA3Config",
     "LinearProbeConfig",
     "LNTuneConfig",
+    "LoHaConfig",
+    "LoKrConfig",
     "LoRAConfig",
     "MethodConfig",
     "ParallelAdapterConfig",
