@@ -477,14 +477,13 @@ def parse_prompts(entry: Any, image: Path, size: tuple[int, int]) -> list[dict[s
 def save_sam_png(path: Path, image: Any, masks: Any, prompts: list[dict[str, Any]], title: str) -> None:
     """The masks ``(N, H, W)`` bool tinted over ``image`` ``(H, W, 3)`` uint8, with their prompts (boxes in the
     mask's colour; foreground points green, background points red)."""
-    import os
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from visionpeft.engine.pictures import palette
+    from visionpeft.engine.pictures import palette, save_figure
 
     colors = palette(max(1, len(masks))) / 255.0
     pic = image.astype("float32") / 255.0
@@ -503,13 +502,7 @@ def save_sam_png(path: Path, image: Any, masks: Any, prompts: list[dict[str, Any
                 ax.plot(x, y, marker="*" if lab else "X", ms=9, mec="white", mew=0.8, color="lime" if lab else "red")
     ax.set_title(title, fontsize=8)
     ax.axis("off")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    try:
-        fig.savefig(tmp, dpi=150)
-    finally:
-        plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def _write_sam_outputs(stem: Path, rgb: Any, masks: Any, records: list[dict], prompts: list[dict], title: str) -> None:

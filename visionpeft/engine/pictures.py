@@ -68,7 +68,7 @@ def save_segmentation_png(
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[c]) for c in present]
     fig.legend(handles, [classes[c] for c in present], loc="center right", fontsize=7, frameon=False)
     fig.subplots_adjust(left=0.01, right=0.99 - 1.4 / fig.get_size_inches()[0], wspace=0.04)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def save_detection_png(
@@ -103,7 +103,7 @@ def save_detection_png(
         ax.text(x0, y0, f"{name} {s:.2f}", color="white", fontsize=6, va="bottom", bbox=dict(fc=c, ec="none", pad=1))
     ax.set_title(f"{int(keep.sum())} detection(s) with score >= {score_threshold}", fontsize=8)
     ax.axis("off")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _labels(mask: np.ndarray | None, k: int) -> set[int]:
@@ -114,7 +114,8 @@ def _blend(image: np.ndarray, color: np.ndarray, mask: np.ndarray, alpha: float)
     return (image * (1 - alpha) + color * alpha).astype(np.uint8)
 
 
-def _save(fig: Any, path: str | Path) -> Path:
+def save_figure(fig: Any, path: str | Path) -> Path:
+    """Write a matplotlib figure as PNG atomically (temporary file + rename) and close it."""
     import os
 
     plt = _pyplot()

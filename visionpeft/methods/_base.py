@@ -274,6 +274,18 @@ class Method:
         return None
 
     @classmethod
+    def build_refusal(cls, model: nn.Module | None, spec: BackboneSpec, cfg: MethodConfig) -> str | None:
+        """For methods whose sites' modules decide (separate q / k / v, 1x1-conv MLPs): the error a dry run of
+        :meth:`build` raises on ``model`` (nothing is attached), or ``None``."""
+        if model is None:
+            return None
+        try:
+            cls.build(model, spec, cfg)
+        except ValueError as e:
+            return str(e)
+        return None
+
+    @classmethod
     def default_targets(cls, spec: BackboneSpec, cfg: MethodConfig) -> list[str] | None:
         """The first group of default roles that the spec defines, or ``None``."""
         for group in cls.default_roles:

@@ -217,13 +217,7 @@ class IA3(Method):
     @classmethod
     def unsupported_reason(cls, model: nn.Module | None, spec: BackboneSpec, cfg: IA3Config) -> str | None:
         reason = hosted_qkv_reason(cls.name, model, spec, cfg) or super().unsupported_reason(model, spec, cfg)
-        if reason is not None or model is None:
-            return reason
-        try:  # a dry run: the sites' modules decide (separate q / k / v, 1x1-conv MLPs ...); nothing is attached
-            cls.build(model, spec, cfg)
-        except ValueError as e:
-            return str(e)
-        return None
+        return reason or cls.build_refusal(model, spec, cfg)
 
     @classmethod
     def make_layer(cls, site: Site, cfg: IA3Config) -> AdapterLayer:

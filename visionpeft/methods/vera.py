@@ -200,13 +200,7 @@ class VeRA(Method):
         if cfg.qkv_slices is not None and cfg.targets is None and not spec.has_role("qkv"):
             return f"qkv_slices needs a fused qkv Linear; the {spec.name} spec has no qkv role"
         reason = hosted_qkv_reason(cls.name, model, spec, cfg) or super().unsupported_reason(model, spec, cfg)
-        if reason is not None or model is None:
-            return reason
-        try:  # a dry run: the sites' modules decide (separate q / k / v, 1x1-conv MLPs ...); nothing is attached
-            cls.build(model, spec, cfg)
-        except ValueError as e:
-            return str(e)
-        return None
+        return reason or cls.build_refusal(model, spec, cfg)
 
     @classmethod
     def sites(cls, model: nn.Module, spec: BackboneSpec, cfg: VeRAConfig) -> list[Site]:
